@@ -6,6 +6,9 @@ Pipeline: wrap (mask ⊙ weight) -> train (time-varying regularization) -> prune
 from .config import PILoTConfig
 from .layers import MaskedLinear, pilot_init
 from .pruning import SparsityPattern, keep_mask, keep_masks
+from .regularization import AlphaController
+from .trainer import PILoTTrainer
+from .training_args import PILoTTrainingArguments
 from .wrapping import (
     find_target_layers,
     is_wrapped,
@@ -20,7 +23,10 @@ from .wrapping import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlphaController",
     "MaskedLinear",
+    "PILoTTrainer",
+    "PILoTTrainingArguments",
     "PILoTConfig",
     "SparsityPattern",
     "find_target_layers",

@@ -1,0 +1,374 @@
+"""PILoTTrainer: a thin transformers.Trainer that trains mask ⊙ weight with a time-varying regularization.
+
+What it adds to Trainer, and where (METHOD.md, sections 3-6):
+- wrapping: `__init__` swaps target layers for `MaskedLinear` (pilot/spred) before Trainer sees the model;
+- optimizer: `create_optimizer` gives masks their own learning rate, takes masks and target weights out of
+  `weight_decay`, and registers two optimizer hooks: before each step the regularization is added to the
+  mask/weight gradients (coupled) or applied to the parameters (decoupled); after each step a frozen
+  pruning pattern, if any, is re-applied;
+- the α controller runs in a callback at the end of every optimizer step, from the mean training loss
+  (reduced over processes) and the L1 ratio; rank 0's decision is broadcast so every process agrees;
+- `log` adds alpha, balance, l1_ratio, prune_damage and sparsity to the Trainer's own logs;
+- checkpoints carry `pilot_state.json` (controller state + settings), checked and restored on resume;
+- `train` ends by pruning (unless recovery already did), and merging: `self.model` is then a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .layers import MaskedLinear
+from .pruning import SparsityPattern, keep_masks
+from .regularization import AlphaController
+from .training_args import PILoTTrainingArguments
+from .wrapping import find_target_layers, is_wrapped, magnitude_prune, masked_layers, merge_and_unload, \
+    prune_model, sparsity_report, wrap_model
+
+PILOT_STATE_NAME = "pilot_state.json"
+# Prefixes that DDP, FSDP and activation checkpointing add to parameter names.
+_WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def _clean_name(name: str) -> str:
+    while True:
+        cleaned = _WRAPPER_PREFIX.sub(r"\1", name)
+        if cleaned == name:
+            return name
+        name = cleaned
+
+
+class PILoTTrainer(Trainer):
+    """Trainer for PILoT compression. Use it like `transformers.Trainer`, with `PILoTTrainingArguments`.
+
+    After `train()`, `self.model` is a plain sparse Transformers model that `save_model()` writes and
+    `AutoModelForCausalLM.from_pretrained` loads without pilot_hf. `self.sparsity_report` tells the result.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: PILoTTrainingArguments | None = None, **kwargs):
+        if model is None:
+            raise ValueError("PILoTTrainer needs a model instance (model_init is not supported).")
+        if args is None:
+            args = PILoTTrainingArguments(output_dir="pilot-output")
+        if not isinstance(args, PILoTTrainingArguments):
+            raise TypeError(f"PILoTTrainer takes PILoTTrainingArguments, got {type(args).__name__}.")
+        self._check_pattern(model, args)
+        if args.reparameterized and not is_wrapped(model):
+            wrap_model(model, args.pilot_config())
+        elif not args.reparameterized and is_wrapped(model):
+            raise ValueError(f"method={args.method!r} trains the plain weights, but this model is wrapped; pass the "
+                             "unwrapped model or use method='pilot'/'spred'.")
+        super().__init__(model=model, args=args, **kwargs)
+        self.regularized = self._regularized_parameters(model)  # name -> parameter
+        self.masks = {n for n in self.regularized if n.endswith(".mask")}
+        with torch.no_grad():
+            self.l1_init = float(sum(self._effective(m).abs().sum() for m in self._targets().values()))
+        self.l1_ratio_threshold = args.l1_ratio_threshold or self._default_l1_ratio_threshold()
+        self.controller: AlphaController | None = None
+        self.pruned = False
+        self.frozen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, keep) after pruning
+        self.sparsity_report: dict | None = None
+        self._interval_loss = None
+        self._interval_steps = 0
+        self._regularized_ids: set[int] = set()
+        self.add_callback(_PILoTCallback(self))
+
+    # ----- targets and parameters -----------------------------------------------------------------
+
+    @staticmethod
+    def _check_pattern(model: nn.Module, args: PILoTTrainingArguments) -> None:
+        """Fail before any step if the pattern does not fit the target shapes (e.g. N:M vs in_features)."""
+        if args.sparsity is None:
+            return
+        pattern = SparsityPattern.parse(args.sparsity_pattern)
+        layers = masked_layers(model) or find_target_layers(model, args.pilot_config())
+        for name, layer in layers.items():
+            out_features, in_features = _out_in(layer)
+            pattern.check_shape(name, (out_features, in_features))
+
+    def _targets(self) -> dict[str, nn.Module]:
+        return masked_layers(self.model) or find_target_layers(self.model, self.args.pilot_config())
+
+    @staticmethod
+    def _effective(layer: nn.Module) -> torch.Tensor:
+        return layer.merged_weight() if isinstance(layer, MaskedLinear) else layer.weight
+
+    def _regularized_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        if self.args.method == "dense":
+            return {}
+        if self.args.reparameterized:
+            names = {f"{n}.{p}" for n in masked_layers(model) for p in ("mask", "weight")}
+        else:
+            names = {f"{n}.weight" for n in find_target_layers(model, self.args.pilot_config())}
+        return {n: p for n, p in model.named_parameters() if n in names}
+
+    @torch.no_grad()
+    def _default_l1_ratio_threshold(self) -> float:
+        """K = the L1 share of W_init that pruning at the target sparsity would keep (0.5 without a target)."""
+        if self.args.sparsity is None:
+            return 0.5
+        targets = self._targets()
+        scores = {n: _layout(self._effective(m).abs().float(), m) for n, m in targets.items()}
+        keep = keep_masks(scores, self.args.sparsity, self.args.sparsity_pattern)
+        kept = sum(float((scores[n] * keep[n]).sum()) for n in scores)
+        return kept / max(self.l1_init, 1e-30)
+
+    # ----- optimizer: parameter groups and regularization hooks -------------------------------------
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Masks and target weights get α_t only; everything else keeps the ordinary weight_decay.
+        return [n for n in super().get_decay_parameter_names(model) if _clean_name(n) not in self.regularized]
+
+    def create_optimizer(self, model=None):
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        names = {id(p): _clean_name(n) for n, p in opt_model.named_parameters()}
+        self._regularized_ids = {i for i, n in names.items() if n in self.regularized}
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if created and self.masks and self.args.mask_learning_rate is not None:
+            _move_to_own_group(inner, {i for i, n in names.items() if n in self.masks}, self.args.mask_learning_rate)
+        if not getattr(inner, "_pilot_hooks", False):
+            inner.register_step_pre_hook(self._regularize)
+            inner.register_step_post_hook(self._apply_frozen_pattern)
+            inner._pilot_hooks = True
+        return optimizer
+
+    @property
+    def alpha(self) -> float:
+        if self.pruned or self.controller is None:
+            return 0.0
+        return self.controller.alpha
+
+    @torch.no_grad()
+    def _regularize(self, optimizer, *_):
+        alpha = self.alpha
+        if alpha == 0:
+            return
+        l1 = self.args.method == "l1"
+        coupled = self.args.regularization == "coupled"
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in self._regularized_ids or p.grad is None:
+                    continue
+                if coupled:  # the gradient of α‖p‖² (2αp), or of α‖p‖₁ (α·sign p)
+                    p.grad.add_(p.sign() if l1 else p, alpha=alpha if l1 else 2 * alpha)
+                elif l1:  # proximal step of α‖p‖₁: soft-threshold by lr·α
+                    p.copy_(p.sign() * (p.abs() - group["lr"] * alpha).clamp_min(0))
+                else:
+                    p.mul_(1 - 2 * group["lr"] * alpha)
+
+    @torch.no_grad()
+    def _apply_frozen_pattern(self, *_):
+        for p, keep in self.frozen:
+            p.mul_(keep)
+
+    # ----- controller, pruning and diagnostics ------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._interval_loss = loss.float() if self._interval_loss is None else self._interval_loss + loss.float()
+        return loss
+
+    @property
+    def sparsify_steps(self) -> int:
+        return self.state.max_steps - self.args.recovery_steps
+
+    def _on_train_begin(self) -> None:
+        if self.sparsify_steps < 1:
+            raise ValueError(f"recovery_steps={self.args.recovery_steps} leaves no sparsification steps out of "
+                             f"{self.state.max_steps}; lower recovery_steps or train longer.")
+        if self.controller is None:
+            a = self.args
+            self.controller = AlphaController(
+                schedule=a.alpha_schedule, alpha_init=a.alpha_init, alpha_final=a.alpha_final,
+                alpha_min=a.alpha_min, alpha_max=a.alpha_max, delta=a.delta, interval=a.alpha_update_interval,
+                l1_ratio_threshold=self.l1_ratio_threshold, loss_tolerance=a.loss_tolerance,
+                total_steps=self.sparsify_steps)
+        if self.pruned and not self.frozen:  # resumed inside the recovery phase
+            self._prune()
+
+    def _on_step_end(self) -> None:
+        step = self.state.global_step
+        self._interval_steps += 1
+        if self.pruned:
+            return
+        if self.controller.schedule != "pilot":
+            self.controller.step_end(step)
+        elif step % self.controller.interval == 0:
+            loss = self._interval_loss / self._interval_steps
+            mean_loss = float(self.accelerator.reduce(loss.detach().reshape(1), reduction="mean").item())
+            self.controller.step_end(step, mean_loss, self._l1_ratio())
+            self._broadcast_controller()
+            self._interval_loss, self._interval_steps = None, 0
+        if self.args.recovery_steps and self.args.sparsity is not None and step >= self.sparsify_steps:
+            self._prune()
+
+    def _broadcast_controller(self) -> None:
+        # Every process computed the same reduced inputs; still, take rank 0's state so decisions never diverge.
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            state = [self.controller.state_dict()]
+            broadcast_object_list(state, from_process=0)
+            self.controller = AlphaController.from_state_dict(state[0])
+
+    @torch.no_grad()
+    def _l1_ratio(self) -> float:
+        l1 = sum(self._effective(m).abs().float().sum() for m in self._targets().values())
+        if self.is_fsdp_enabled:  # parameters are sharded: add up the shards
+            l1 = self.accelerator.reduce(l1.reshape(1), reduction="sum")
+        return float(l1) / max(self.l1_init, 1e-30)
+
+    @torch.no_grad()
+    def _prune(self) -> None:
+        """Prune to the target now; with recovery left, keep the pattern frozen for the remaining steps."""
+        a = self.args
+        if a.reparameterized:
+            keep = prune_model(self.model, a.sparsity, a.sparsity_pattern)
+            layers = masked_layers(self.model)
+            self.frozen = [(p, keep[n]) for n, m in layers.items() for p in (m.mask, m.weight)]
+        else:
+            keep = magnitude_prune(self.model, a.sparsity, a.sparsity_pattern, a.pilot_config())
+            targets = find_target_layers(self.model, a.pilot_config())
+            self.frozen = [(targets[n].weight, keep[n]) for n in keep]
+        self.pruned = True
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """alpha, balance = mean(m² − w²)/β (1 at start, → 0 in the L1 regime), l1_ratio, prune_damage (relative
+        L2 norm that pruning to the target would remove now) and sparsity (exact zeros of the effective weights)."""
+        targets = self._targets()
+        out = {"alpha": self.alpha, "l1_ratio": self._l1_ratio()}
+        if self.args.reparameterized:
+            diff = sum(float((m.mask.float() ** 2 - m.weight.float() ** 2).sum()) for m in targets.values())
+            numel = sum(m.weight.numel() for m in targets.values())
+            out["balance"] = diff / numel / (self.args.beta if self.args.init == "pilot" else 1.0)
+        effective = {n: _layout(self._effective(m).float(), m) for n, m in targets.items()}
+        zeros = sum(int((x == 0).sum()) for x in effective.values())
+        out["sparsity"] = zeros / sum(x.numel() for x in effective.values())
+        if self.args.sparsity is not None:
+            keep = keep_masks({n: x.abs() for n, x in effective.items()}, self.args.sparsity, self.args.sparsity_pattern)
+            removed = sum(float((x[~keep[n]] ** 2).sum()) for n, x in effective.items())
+            total = sum(float((x ** 2).sum()) for x in effective.values())
+            out["prune_damage"] = (removed / max(total, 1e-30)) ** 0.5
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.controller is not None:
+            logs.update({k: round(v, 6) if k != "alpha" else v for k, v in self.diagnostics().items()})
+        super().log(logs, start_time)
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+
+    def _pilot_state(self) -> dict:
+        loss = None if self._interval_loss is None else float(self._interval_loss)
+        return {"settings": self.args.pilot_settings(), "controller": self.controller.state_dict(),
+                "l1_init": self.l1_init, "l1_ratio_threshold": self.l1_ratio_threshold, "pruned": self.pruned,
+                "interval_loss": loss, "interval_steps": self._interval_steps}
+
+    def _save_pilot_state(self) -> None:
+        if not self.args.should_save or self.controller is None:
+            return
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if not os.path.isdir(folder):
+            return
+        tmp = os.path.join(folder, PILOT_STATE_NAME + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._pilot_state(), f, indent=1)
+        os.replace(tmp, os.path.join(folder, PILOT_STATE_NAME))
+
+    def _load_pilot_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, PILOT_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} has no {PILOT_STATE_NAME}: it was not written by PILoTTrainer, so its "
+                             "α schedule cannot be resumed. Start a new run instead.")
+        with open(path) as f:
+            state = json.load(f)
+        current = json.loads(json.dumps(self.args.pilot_settings()))
+        diff = {k: (v, current.get(k)) for k, v in state["settings"].items() if current.get(k) != v}
+        if diff:
+            lines = "; ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
+            raise ValueError(f"cannot resume {checkpoint} with other PILoT settings ({lines}). Resume with the "
+                             "checkpoint's settings, or start a new run in another output_dir.")
+        self.controller = AlphaController.from_state_dict(state["controller"])
+        self.l1_init, self.l1_ratio_threshold = state["l1_init"], state["l1_ratio_threshold"]
+        self.pruned, self.frozen = state["pruned"], []
+        loss = state["interval_loss"]
+        self._interval_loss = None if loss is None else torch.tensor(loss, device=self.args.device)
+        self._interval_steps = state["interval_steps"]
+
+    # ----- the run ------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        if self.controller is not None and not is_wrapped(self.model) and self.args.reparameterized:
+            raise RuntimeError("this trainer already finished (its model is merged); create a new PILoTTrainer.")
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-* "
+                                 "folder; pass a checkpoint path or start without resuming.")
+        if checkpoint:
+            self._load_pilot_state(checkpoint)
+        output = super().train(resume_from_checkpoint=checkpoint or None, **kwargs)
+        self.finish()
+        return output
+
+    @torch.no_grad()
+    def finish(self) -> nn.Module:
+        """Prune to the target (unless recovery already did), merge mask ⊙ weight and unwrap."""
+        if self.args.sparsity is not None and not self.pruned:
+            self._prune()
+        self.frozen = []
+        if is_wrapped(self.model):
+            merge_and_unload(self.model)
+        self.sparsity_report = sparsity_report(self.model, self.args.pilot_config())
+        return self.model
+
+
+class _PILoTCallback(TrainerCallback):
+    """Connects the trainer's PILoT logic to the loop's events (no logic of its own)."""
+
+    def __init__(self, trainer: PILoTTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._on_train_begin()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._on_step_end()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer._save_pilot_state()
+
+
+def _out_in(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, MaskedLinear):
+        return layer.out_features, layer.in_features
+    out_features, in_features = layer.weight.shape
+    return (in_features, out_features) if getattr(layer, "nf", None) is not None else (out_features, in_features)
+
+
+def _layout(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """(out, in) view of a weight-shaped tensor (Conv1D stores (in, out))."""
+    transposed = layer.transposed if isinstance(layer, MaskedLinear) else getattr(layer, "nf", None) is not None
+    return t.t() if transposed else t
+
+
+def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], lr: float) -> None:
+    """Move the parameters `ids` into a new group with learning rate `lr` (before any state exists)."""
+    moved = []
+    for group in optimizer.param_groups:
+        keep = [p for p in group["params"] if id(p) not in ids]
+        moved += [p for p in group["params"] if id(p) in ids]
+        group["params"] = keep
+    if moved:
+        optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
