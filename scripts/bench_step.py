@@ -1,0 +1,97 @@
+"""Cost of a PILoT training step vs a plain dense fine-tuning step: wall-time and peak-memory ratios.
+
+Same model, batch, optimizer (AdamW, fp32) and Trainer loop; the only difference is PILoTTrainer
+(masks, regularization hook, controller) vs transformers.Trainer. Each variant runs in its own process
+so the peak resident memory (CPU) or peak allocated memory (CUDA) is its own.
+
+    python scripts/bench_step.py                      # Llama configs of growing width
+    python scripts/bench_step.py --model smollm2-135m # the real SmolLM2-135M (slow on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
+
+    from pilot_hf import PILoTTrainer, PILoTTrainingArguments
+    from pilot_hf.assets import load_demo_model
+
+    rss_libs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # interpreter + libraries, before the model
+    torch.manual_seed(0)
+    if model_spec == "smollm2-135m":
+        model, _ = load_demo_model()
+    else:
+        width = int(model_spec)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=8192, hidden_size=width, intermediate_size=width * 8 // 3 // 64 * 64 or 64, num_hidden_layers=4,
+            num_attention_heads=max(width // 64, 1), num_key_value_heads=max(width // 64, 1)))
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch * (steps + warmup), seq), generator=g).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    common = dict(output_dir="/tmp/pilot-bench-step", max_steps=steps + warmup, per_device_train_batch_size=batch,
+                  learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                  disable_tqdm=True, dataloader_num_workers=0)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    if variant == "dense":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
+    else:
+        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2)
+        trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
+    trainer.train()
+    step_s = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median: robust to a noisy neighbour
+    return {"variant": variant, "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
+            "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "libs_rss_mb": rss_libs / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["256", "512", "768"],
+                        help="Llama widths to build from configs, or 'smollm2-135m'.")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
+    a = parser.parse_args()
+    if a.variant:
+        print(json.dumps(run_variant(a.variant, a.model[0], a.batch, a.seq, a.steps, a.warmup)))
+        return
+    print(f"batch {a.batch} x {a.seq} tokens, AdamW fp32, median step over {a.steps} steps after {a.warmup} warm-up")
+    print("peak MB = peak resident memory minus the interpreter and libraries (model + optimizer + activations)")
+    print("| model | params | dense step s | PILoT step s | time ratio | dense peak MB | PILoT peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for spec in a.model:
+        res = {}
+        for variant in ("dense", "pilot"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--model", spec, "--batch", str(a.batch),
+                   "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            res[variant] = json.loads(out.strip().splitlines()[-1])
+        d, p = res["dense"], res["pilot"]
+        dm, pm = d["peak_rss_mb"] - d["libs_rss_mb"], p["peak_rss_mb"] - p["libs_rss_mb"]
+        print(f"| {spec} | {d['params'] / 1e6:.1f}M | {d['step_s']:.3f} | {p['step_s']:.3f} | "
+              f"{p['step_s'] / d['step_s']:.3f} | {dm:.0f} | {pm:.0f} | {pm / dm:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
