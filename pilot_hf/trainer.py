@@ -149,7 +149,7 @@ class PILoTTrainer(Trainer):
     @torch.no_grad()
     def _regularize(self, optimizer, *_):
         alpha = self.alpha
-        if alpha == 0:
+        if alpha == 0 or self.regularize_in_loss:
             return
         l1 = self.args.method == "l1"
         coupled = self.args.regularization == "coupled"
@@ -171,9 +171,34 @@ class PILoTTrainer(Trainer):
 
     # ----- controller, pruning and diagnostics ------------------------------------------------------
 
+    @property
+    def regularize_in_loss(self) -> bool:
+        """DeepSpeed steps its own flat fp32 partitions, not our parameters, so the optimizer hook cannot
+        see them; there the coupled term goes into the loss instead (same gradient, 2αp)."""
+        return self.is_deepspeed_enabled
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        self._penalty = 0.0
+        if not (self.regularize_in_loss and model.training and self.alpha > 0):
+            return result
+        if self.args.regularization != "coupled":
+            raise ValueError("under DeepSpeed only regularization='coupled' is supported (it goes into the loss).")
+        loss = result[0] if return_outputs else result
+        params = [p for p in model.parameters() if id(p) in self._regularized_ids]
+        norm = sum(p.float().abs().sum() if self.args.method == "l1" else p.float().pow(2).sum() for p in params)
+        # Trainer divides the loss by the accumulation steps unless the loss already is a share of the batch.
+        scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        penalty = self.alpha * norm / (self.current_gradient_accumulation_steps if scaled_for_ga else 1)
+        self._penalty = float(penalty.detach()) / (1 if scaled_for_ga else self.current_gradient_accumulation_steps)
+        loss = loss + penalty
+        return (loss, result[1]) if return_outputs else loss
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._interval_loss = loss.float() if self._interval_loss is None else self._interval_loss + loss.float()
+        data_loss = loss.float() - getattr(self, "_penalty", 0.0)  # the controller judges the data loss only
+        self._interval_loss = data_loss if self._interval_loss is None else self._interval_loss + data_loss
         return loss
 
     @property

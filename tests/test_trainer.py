@@ -252,3 +252,23 @@ def test_pilot_state_json_is_plain_json(tmp_path):
     trainer.train()
     state = json.loads((tmp_path / "out" / "checkpoint-10" / "pilot_state.json").read_text())
     assert state["settings"]["method"] == "pilot" and state["controller"]["schedule"] == "pilot"
+
+
+def test_regularization_through_the_loss_gives_the_same_gradient(tmp_path, monkeypatch):
+    """The DeepSpeed path (penalty in the loss) and the optimizer-hook path give the same gradients."""
+    grads = {}
+    for in_loss in (False, True):
+        trainer = make_trainer(tmp_path, alpha_init=2e-3, max_steps=1, gradient_accumulation_steps=2,
+                               per_device_train_batch_size=4, sparsity=None)
+        monkeypatch.setattr(PILoTTrainer, "regularize_in_loss", property(lambda self, v=in_loss: v))
+        seen = {}
+
+        def capture(optimizer, *_):  # registered after the regularization hook: sees its result
+            seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+        trainer.create_optimizer().register_step_pre_hook(capture)
+        trainer.train()
+        grads[in_loss] = seen
+    assert grads[False].keys() == grads[True].keys()
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-7)
