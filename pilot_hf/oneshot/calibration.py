@@ -81,6 +81,11 @@ class BlockCall:
     def hidden(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
 
+    def without_hidden(self) -> BlockCall:
+        if self.args:
+            return BlockCall((None,) + self.args[1:], self.kwargs)
+        return BlockCall((), {**self.kwargs, "hidden_states": None})
+
 
 def _same(a, b) -> bool:
     if a is b:
@@ -118,11 +123,15 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[t
     run through to record each block's own arguments.
     """
     recorded: dict[int, BlockCall] = {}
+    entering: dict[int, torch.Tensor] = {}
     stop_at: list[int | None] = [None]
 
     def make_hook(index):
         def hook(module, args, kwargs):
-            recorded[index] = BlockCall(tuple(args), dict(kwargs))
+            call = BlockCall(tuple(args), dict(kwargs))
+            entering[index] = call.hidden
+            # Keep the arguments without the hidden states (replaced on every call; saves memory).
+            recorded[index] = call.without_hidden()
             if stop_at[0] == index:
                 raise _StopForward
         return hook
@@ -133,6 +142,7 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[t
     try:
         for b, ids in enumerate(batches):
             recorded.clear()
+            entering.clear()
             # Stop once the last needed block has been entered: block 0 when all blocks share their arguments.
             stop_at[0] = 0 if shared else len(blocks) - 1
             try:
@@ -144,7 +154,7 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[t
                                    f"{len(blocks)} decoder blocks (called {sorted(recorded)}).")
             if b == 0:
                 shared = all(_same_call(recorded[0], recorded[i]) for i in range(1, len(blocks)))
-            hidden.append(recorded[0].hidden)
+            hidden.append(entering[0])
             for i in range(len(blocks)):
                 calls[i].append(recorded[0] if shared else recorded[i])
     finally:
