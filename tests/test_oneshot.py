@@ -450,3 +450,13 @@ def test_default_sparsity_and_nm_implied():
     assert report.sparsity == 0.5 and report.total["sparsity"] == 0.5
     report = oneshot_prune(tiny_model("llama"), _calibration_ids(), "sparsegpt", pattern="1:4")
     assert report.sparsity == 0.75 and report.total["sparsity"] == 0.75
+
+
+def test_wanda_layer_comparison():
+    a, b = tiny_model("phi"), tiny_model("phi")
+    oneshot_prune(a, _calibration_ids(), WandaConfig(comparison="layer"), 0.5)
+    oneshot_prune(b, _calibration_ids(), "wanda", 0.5)
+    layer_a, layer_b = a.model.layers[0].mlp.fc1.weight, b.model.layers[0].mlp.fc1.weight
+    assert int((layer_a == 0).sum()) == int((layer_b == 0).sum()) == layer_a.numel() // 2
+    assert torch.all((layer_b == 0).sum(1) == layer_b.shape[1] // 2)  # per row
+    assert (layer_a == 0).sum(1).unique().numel() > 1  # per layer: rows differ
