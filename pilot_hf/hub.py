@@ -1,0 +1,416 @@
+"""Publish a sparse checkpoint: its model card (README.md) and the push to the Hugging Face Hub.
+
+The card is a Jinja template (`model_cards/pilot_model_card.md.j2`, shipped in the package as
+`pilot_hf/templates/pilot_model_card.md.j2`) rendered by `huggingface_hub.ModelCard.from_template`;
+its YAML metadata is built with `ModelCardData` and `EvalResult`, never by hand. The push goes
+through `HfApi.create_repo` + `HfApi.upload_folder` (one commit). The token comes from where
+huggingface_hub looks (HF_TOKEN, the `hf auth login` cache) and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+
+from .serialization import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    compress_checkpoint,
+    is_compressed,
+)
+
+TEMPLATE_NAME = "pilot_model_card.md.j2"
+README_NAME = "README.md"
+
+CITATION = """@inproceedings{jacobs2025mask,
+  title     = {Mask in the Mirror: Implicit Sparsification},
+  author    = {Jacobs, Tom and Burkholz, Rebekka},
+  booktitle = {The Thirteenth International Conference on Learning Representations (ICLR)},
+  year      = {2025},
+  url       = {https://arxiv.org/abs/2408.09966}
+}"""
+
+# Licenses of base models pilot-hf ships demos for (their Hub cards say so); any other base model's
+# license comes from `info["license"]` or from the README.md of a local base-model folder.
+KNOWN_LICENSES = {
+    "HuggingFaceTB/SmolLM2-135M": "apache-2.0",
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
+}
+
+METHODS = {
+    "pilot": ("PILoT (implicit sparsification)",
+              ("Every pruned linear layer was trained as a product `mask ⊙ weight` under PILoT's time-varying "
+               "regularization, which steers the product towards sparse solutions (Jacobs & Burkholz, *Mask in "
+               "the Mirror: Implicit Sparsification*, ICLR 2025). The entries with the smallest |mask ⊙ weight| "
+               "were then set to zero and mask and weight merged back into one ordinary weight.")),
+    "magnitude": ("Magnitude pruning (one-shot)",
+                  "The weights with the smallest absolute values were set to zero, without retraining."),
+    "wanda": ("Wanda (one-shot)",
+              ("Weights were ranked by |weight| x the norm of their input activations on calibration data, "
+               "and the lowest were set to zero, without retraining.")),
+    "sparsegpt": ("SparseGPT (one-shot)",
+                  ("Weights were pruned layer by layer with SparseGPT's second-order reconstruction on "
+                   "calibration data.")),
+}
+
+# Upload everything in the folder except training state and pickles (only safetensors weights go up).
+IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt",
+                   ".git/*", ".cache/*"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_SECRETS = [
+    (re.compile(r"hf_[A-Za-z0-9]{10,}"), "<redacted>"),
+    (re.compile(r"(--(?:hub_)?token[= ])\S+"), r"\1<redacted>"),
+    (re.compile(r"(HF_TOKEN=)\S+"), r"\1<redacted>"),
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class CardInfo:
+    """What the model card says. Plain values only, so a trainer can fill it from its own state."""
+
+    base_model: str  # Hub id (or local path) of the dense model that was sparsified
+    sparsity_report: dict  # output of pilot_hf.sparsity_report(model): {"layers": {...}, "total": {...}}
+    method: str = "pilot"  # key of METHODS ("pilot", "magnitude", "wanda", "sparsegpt") or free text
+    hyperparameters: dict = field(default_factory=dict)  # name -> value, shown as a table
+    pattern: str | None = None  # "unstructured", "2:4", ...
+    results: list[dict] = field(default_factory=list)  # see RESULT_KEYS
+    command: str | None = None  # the command that reproduces the run (secrets are redacted)
+    model_name: str | None = None  # title and model-index name; default "<base name>-sparse"
+    model_id: str | None = None  # Hub id used in the usage snippet; default model_name
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids used for training / evaluation
+    license: str | None = None  # default: the base model's, where known
+    language: str | list[str] | None = None
+    tags: list[str] = field(default_factory=list)  # added to "sparse", "pilot", "pruned"
+    compressed: bool = False  # the checkpoint uses the pilot_sparse compressed format
+    training_data: str | None = None  # free-text description (e.g. built-in offline text sources)
+    method_description: str | None = None  # overrides METHODS' description
+
+    # One perplexity result: dataset (Hub id or name), sparse_perplexity required.
+    RESULT_KEYS = ("dataset", "dataset_name", "dataset_config", "split", "dense_perplexity", "sparse_perplexity")
+
+    def __post_init__(self):
+        report = self.sparsity_report
+        if not isinstance(report, dict) or not isinstance(report.get("layers"), dict) or "total" not in report:
+            raise ValueError("sparsity_report must be pilot_hf.sparsity_report(model)'s output: "
+                             "{'layers': {name: {shape, numel, zeros, sparsity}}, 'total': {numel, zeros, sparsity}}.")
+        for i, result in enumerate(self.results):
+            unknown = set(result) - set(self.RESULT_KEYS)
+            if unknown or "dataset" not in result or "sparse_perplexity" not in result:
+                raise ValueError(f"results[{i}] = {result}: give 'dataset' and 'sparse_perplexity' (optional: "
+                                 f"{', '.join(self.RESULT_KEYS[1:5])}); unknown keys: {sorted(unknown)}.")
+        if isinstance(self.tags, str) or isinstance(self.datasets, str):
+            raise TypeError("tags and datasets are lists of strings.")
+
+    @classmethod
+    def from_dict(cls, info: dict) -> CardInfo:
+        known = {f.name for f in fields(cls)}
+        unknown = set(info) - known
+        if unknown:
+            raise ValueError(f"unknown model card fields {sorted(unknown)}; known fields are {sorted(known)}.")
+        return cls(**info)
+
+
+def model_card_template() -> Path:
+    """The card template: the packaged copy if installed from a wheel, else the repository's model_cards/."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "templates" / TEMPLATE_NAME, package.parent / "model_cards" / TEMPLATE_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found in {package / 'templates'} or "
+                            f"{package.parent / 'model_cards'}; reinstall pilot-hf or pass template_path.")
+
+
+def redact(text: str) -> str:
+    """`text` with Hugging Face tokens (and --token / --hub_token / HF_TOKEN= values) replaced."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def base_model_license(base_model: str) -> str | None:
+    """The base model's license from a local folder's README.md, else KNOWN_LICENSES (no network)."""
+    readme = Path(base_model) / README_NAME
+    if readme.is_file():
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.license
+    return KNOWN_LICENSES.get(base_model)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fmt_ppl(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def render_model_card(info: CardInfo | dict, template_path: str | Path | None = None) -> ModelCard:
+    """Render the model card of a sparse checkpoint (metadata built with ModelCardData / EvalResult)."""
+    info = info if isinstance(info, CardInfo) else CardInfo.from_dict(info)
+    on_hub = bool(_HUB_ID.match(info.base_model))
+    model_name = info.model_name or f"{info.base_model.rstrip('/').split('/')[-1]}-sparse"
+    license_ = info.license or base_model_license(info.base_model)
+
+    eval_results = [
+        EvalResult(task_type="text-generation", task_name="Text Generation", dataset_type=r["dataset"],
+                   dataset_name=r.get("dataset_name") or r["dataset"], dataset_config=r.get("dataset_config"),
+                   dataset_split=r.get("split"), metric_type="perplexity", metric_name="Perplexity",
+                   metric_value=float(r["sparse_perplexity"]))
+        for r in info.results
+    ]
+    tags = ["sparse", "pilot", "pruned"] + (["pilot_sparse"] if info.compressed else []) + list(info.tags)
+    card_data = ModelCardData(
+        base_model=info.base_model if on_hub else None, library_name="transformers", license=license_,
+        datasets=list(info.datasets) or None, language=info.language, pipeline_tag="text-generation",
+        tags=tags, model_name=model_name, eval_results=eval_results or None,
+    )
+
+    report = info.sparsity_report
+    layers = [{"name": name, "shape": " x ".join(str(s) for s in row["shape"]), "numel": f"{row['numel']:,}",
+               "zeros": f"{row['zeros']:,}", "sparsity": _pct(row["sparsity"])}
+              for name, row in report["layers"].items()]
+    results = []
+    for r in info.results:
+        dense, sparse = r.get("dense_perplexity"), float(r["sparse_perplexity"])
+        change = "–" if dense is None else f"{100 * (sparse - dense) / dense:+.1f}%"
+        name = r.get("dataset_name") or r["dataset"]
+        if r.get("dataset_config"):
+            name += f" ({r['dataset_config']})"
+        results.append({"dataset": _cell(name), "split": _cell(r.get("split") or "–"),
+                        "dense": _fmt_ppl(dense), "sparse": _fmt_ppl(sparse), "change": change})
+    title, description = METHODS.get(info.method.lower(), (info.method, ""))
+    from . import __version__
+
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or model_card_template()),
+        title=model_name,
+        model_id=info.model_id or model_name,
+        base_model_link=f"[{info.base_model}](https://huggingface.co/{info.base_model})" if on_hub
+        else f"`{info.base_model}`",
+        license=license_, license_from_base=license_ is not None and not info.license,
+        method_title=title, method_description=info.method_description or description,
+        hyperparameters=[(_cell(k), "<redacted>" if "token" in str(k).lower() else redact(_cell(v)))
+                         for k, v in info.hyperparameters.items()],
+        pattern=info.pattern, pattern_text=f"{info.pattern} pattern" if info.pattern else "unstructured",
+        command=redact(info.command) if info.command else None,
+        results=results, layers=layers, num_layers=len(layers),
+        total_numel=f"{report['total']['numel']:,}", total_zeros=f"{report['total']['zeros']:,}",
+        total_sparsity_pct=_pct(report["total"]["sparsity"]),
+        compressed=info.compressed, training_data=info.training_data,
+        pilot_hf_version=__version__, citation=CITATION,
+    )
+    return ModelCard(str(card))  # re-parse: what is written is what the Hub will read
+
+
+def write_model_card(output_dir: str | Path, info: CardInfo | dict, template_path: str | Path | None = None) -> Path:
+    """Render the card and write it to `output_dir/README.md`; returns that path."""
+    path = Path(output_dir) / README_NAME
+    render_model_card(info, template_path).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Push
+# ----------------------------------------------------------------------------------------------------
+
+class PushError(RuntimeError):
+    """The push could not be done (no token, or the Hub refused); local files are left as they were."""
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    revision: str | None
+    files: list[tuple[str, int]]  # (path in repo, size in bytes), what was (or would be) uploaded
+    compressed: bool  # the uploaded weights are in the pilot_sparse format
+    dry_run: bool
+    commit_url: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self.files)
+
+    def describe(self) -> str:
+        width = max([len(name) for name, _ in self.files] + [4])
+        what = "would upload" if self.dry_run else "uploaded"
+        target = self.repo_id + (f"@{self.revision}" if self.revision else "")
+        lines = [f"{what} {len(self.files)} files ({_size(self.total_bytes)}) to {target}"
+                 + (" [compressed]" if self.compressed else "")]
+        lines += [f"  {name:<{width}}  {_size(size):>10}" for name, size in self.files]
+        if self.commit_url:
+            lines.append(f"commit: {self.commit_url}")
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    exp = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024 ** exp:.1f} {'KMGT'[exp - 1]}B"
+
+
+def check_pilot_output(folder: str | Path) -> None:
+    """A folder pilot-hf can push: config.json and safetensors weights (single file or complete shards)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; give the output_dir a pilot-hf run (or save_pretrained) wrote.")
+    missing = []
+    if not (folder / CONFIG_NAME).is_file():
+        missing.append(CONFIG_NAME)
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing += [f"{s} (listed in {SAFE_WEIGHTS_INDEX_NAME})" for s in shards if not (folder / s).is_file()]
+    elif not (folder / SAFE_WEIGHTS_NAME).is_file():
+        missing.append(f"model weights ({SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} with its shards)")
+    if missing:
+        raise ValueError(f"{folder} is not a pilot-hf output folder: missing {', '.join(missing)}. Save the model "
+                         "there with model.save_pretrained(folder) or pilot_hf.serialization.save_compressed(model, "
+                         "folder) first.")
+
+
+def check_repo_id(repo_id: str) -> None:
+    error = None
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        error = "it must be exactly 'namespace/name'"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except ValueError as err:
+            error = str(err)
+    if error:
+        raise ValueError(f"repo_id {repo_id!r} is not valid: {error}. Use 'namespace/name', e.g. "
+                         "'your-username/smollm2-135m-pilot-50' (letters, digits, '-', '_', '.').")
+
+
+def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
+    """(path, bytes) of every file under `folder` that an upload sends, after IGNORE_PATTERNS."""
+    folder = Path(folder)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return [(p, (folder / p).stat().st_size) for p in filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS)]
+
+
+def _mark_card_compressed(folder: Path) -> None:
+    """Tell readers of the README copy in a compressed upload how to load it."""
+    readme = folder / README_NAME
+    if not readme.is_file():
+        return
+    card = ModelCard.load(readme, ignore_metadata_errors=True)
+    if "pilot_sparse" in (card.data.tags or []):
+        return
+    card.data.tags = list(card.data.tags or []) + ["pilot_sparse"]
+    card.text += ("\n## Compressed checkpoint\n\nThe weights in this repository are stored in pilot-hf's compressed "
+                  "sparse format (`pilot_sparse`: a packed bitmask and the non-zero values per sparse weight). "
+                  "Run `import pilot_hf` (pip install pilot-hf) before `AutoModelForCausalLM.from_pretrained`; "
+                  "the weights are expanded to the exact dense tensors at load time.\n")
+    card.save(readme)
+
+
+def _retry_hint(folder: Path, repo_id: str, private: bool, compressed: bool, revision: str | None) -> str:
+    flags = "".join([" --private" if private else "", " --compressed" if compressed else "",
+                     f" --revision {revision}" if revision else ""])
+    return f"pilot-hf push --output_dir {folder} --repo_id {repo_id}{flags}"
+
+
+def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, compressed: bool = False,
+                revision: str | None = None, dry_run: bool = False, api: HfApi | None = None,
+                commit_message: str | None = None) -> PushResult:
+    """Upload a pilot-hf output folder to the Hub repo `repo_id` (created if needed) in one commit.
+
+    compressed=True uploads a compressed copy built in a temporary folder (`output_dir` is never
+    modified); a folder that is already compressed is uploaded as it is. dry_run=True checks
+    everything but the token, prints and returns the files that would be uploaded, and contacts
+    nobody. `api` defaults to `HfApi()`; the token is the one huggingface_hub finds (HF_TOKEN, or
+    `hf auth login`). Raises ValueError for bad inputs and PushError if the push fails.
+    """
+    folder = Path(output_dir)
+    check_pilot_output(folder)
+    check_repo_id(repo_id)
+    if not dry_run and not (getattr(api, "token", None) or get_token()):
+        raise PushError("No Hugging Face token found. Log in with `hf auth login` (or set the HF_TOKEN environment "
+                        "variable to a token with write access, see https://huggingface.co/settings/tokens), "
+                        "then run the push again.")
+    compressed_on_disk = is_compressed(folder)
+    with contextlib.ExitStack() as stack:
+        upload_dir = folder
+        if compressed and not compressed_on_disk:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pilot-push-")))
+            upload_dir = tmp / folder.name
+            compress_checkpoint(folder, upload_dir)
+            _mark_card_compressed(upload_dir)
+        result = PushResult(repo_id=repo_id, revision=revision, files=upload_plan(upload_dir),
+                            compressed=is_compressed(upload_dir), dry_run=dry_run)
+        if dry_run:
+            print(result.describe())
+            return result
+        api = api or HfApi()
+        message = commit_message or f"Upload {'compressed ' if result.compressed else ''}sparse model (pilot-hf)"
+        step = "create the repository"
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision and revision != "main":
+                step = f"create the branch {revision!r}"
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            step = "upload the files"
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(upload_dir), repo_type="model",
+                                       revision=revision, commit_message=message, ignore_patterns=IGNORE_PATTERNS)
+        except Exception as err:
+            raise PushError(
+                f"Pushing {folder} to {repo_id} failed while trying to {step}: {type(err).__name__}: {err}. "
+                f"Every local file in {folder} is unchanged and no partial commit was made (the upload is one "
+                f"commit). Fix the cause (network, permissions, repo name) and retry the same push: "
+                f"`{_retry_hint(folder, repo_id, private, compressed, revision)}`.") from err
+        result.commit_url = getattr(commit, "commit_url", None) or str(commit)
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI entry (the `push` subcommand parses PushArguments with transformers.HfArgumentParser)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class PushArguments:
+    output_dir: str = field(metadata={"help": "Folder a pilot-hf run (or save_pretrained) wrote."})
+    repo_id: str = field(metadata={"help": "Hub repository, 'namespace/name'."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    compressed: bool = field(default=False, metadata={
+        "help": "Upload the compressed sparse format (built in a temporary folder; output_dir is not changed)."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if needed)."})
+    dry_run: bool = field(default=False, metadata={"help": "Only list the files and sizes that would be uploaded."})
+    commit_message: str | None = field(default=None, metadata={"help": "Commit message."})
+
+
+def run_push(args: PushArguments, api: HfApi | None = None) -> int:
+    """Run `push_to_hub` for the CLI: prints the result, returns the exit code (errors propagate)."""
+    result = push_to_hub(api=api, **asdict(args))
+    if not result.dry_run:
+        print(result.describe())
+    return 0
+
+
+def push_command(argv: list[str] | None = None) -> int:
+    """`pilot-hf push ...`: parse PushArguments from argv and push."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    return run_push(args)
