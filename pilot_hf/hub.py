@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -329,7 +330,7 @@ def _mark_card_compressed(folder: Path) -> None:
 def _retry_hint(folder: Path, repo_id: str, private: bool, compressed: bool, revision: str | None) -> str:
     flags = "".join([" --private" if private else "", " --compressed" if compressed else "",
                      f" --revision {revision}" if revision else ""])
-    return f"pilot-hf push --output_dir {folder} --repo_id {repo_id}{flags}"
+    return f"pilot-hf push {folder} --repo_id {repo_id}{flags}"
 
 
 def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, compressed: bool = False,
@@ -385,7 +386,7 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, com
 
 
 # ----------------------------------------------------------------------------------------------------
-# CLI entry (the `push` subcommand parses PushArguments with transformers.HfArgumentParser)
+# CLI entry: `pilot-hf push` calls main(argv) (PushArguments parsed by transformers.HfArgumentParser)
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -408,9 +409,20 @@ def run_push(args: PushArguments, api: HfApi | None = None) -> int:
     return 0
 
 
-def push_command(argv: list[str] | None = None) -> int:
-    """`pilot-hf push ...`: parse PushArguments from argv and push."""
+def main(argv: list[str] | None = None) -> int:
+    """`pilot-hf push OUTPUT_DIR --repo_id NAMESPACE/NAME [--private] [--compressed] [--revision R] [--dry_run]`.
+
+    OUTPUT_DIR may also be given as --output_dir. Bad inputs raise ValueError (the CLI prints those);
+    a failed push prints its PushError (what failed, what to retry) and returns 1.
+    """
     from transformers import HfArgumentParser
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--output_dir", argv[0], *argv[1:]]
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
-    return run_push(args)
+    try:
+        return run_push(args)
+    except PushError as err:
+        print(f"pilot-hf push: error: {err}", file=sys.stderr)
+        return 1

@@ -227,7 +227,7 @@ def test_failed_push_keeps_files_and_says_what_to_retry(output_dir, step, compre
         hub.push_to_hub(output_dir, "me/tiny-sparse", compressed=compressed, api=FakeApi(fail_on=step))
     message = str(err.value)
     assert "503 Service Unavailable" in message and "unchanged" in message
-    assert f"pilot-hf push --output_dir {output_dir} --repo_id me/tiny-sparse" in message
+    assert f"pilot-hf push {output_dir} --repo_id me/tiny-sparse" in message
     assert ("--compressed" in message) == compressed
     assert "hf_fake_token_for_tests" not in message
     assert digest(output_dir) == before
@@ -276,7 +276,11 @@ def test_missing_shard_is_named(pruned, tmp_path):
         hub.push_to_hub(folder, "me/x", api=FakeApi())
 
 
-def test_push_command_parses_arguments(output_dir, monkeypatch, capsys):
+def test_cli_main(output_dir, monkeypatch, capsys):
     monkeypatch.setattr(hub, "get_token", lambda: None)
-    assert hub.push_command(["--output_dir", str(output_dir), "--repo_id", "me/x", "--dry_run"]) == 0
-    assert "would upload" in capsys.readouterr().out
+    assert hub.main([str(output_dir), "--repo_id", "me/x", "--dry_run"]) == 0
+    assert "would upload 4 files" in capsys.readouterr().out
+    assert hub.main(["--output_dir", str(output_dir), "--repo_id", "me/x", "--compressed", "--dry_run"]) == 0
+    assert "[compressed]" in capsys.readouterr().out
+    assert hub.main([str(output_dir), "--repo_id", "me/x"]) == 1  # no token: a PushError, printed
+    assert "hf auth login" in capsys.readouterr().err
