@@ -112,6 +112,13 @@ def parse(command: str, argv: list[str]) -> tuple:
         values = {**DEMO_DEFAULTS, **values}
     elif command != "compress":
         values = {k: v for k, v in values.items() if k in dests}
+    # YAML 1.1 reads an unquoted `no` / `yes` as a bool; for a field that takes a string (save_strategy: no)
+    # give the word back.
+    from transformers.hf_argparser import string_to_bool
+
+    types = {a.dest: a.type for a in parser._actions}
+    values = {k: ("yes" if v else "no") if isinstance(v, bool) and types.get(k) is not string_to_bool else v
+              for k, v in values.items()}
     parser.set_defaults(**values)
     try:
         namespace, unknown = parser.parse_known_args(args=rest)
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"pilot-hf: unknown command {command!r}; choose one of {list(COMMANDS)}.", file=sys.stderr)
         return 2
-    logging.basicConfig(level=os.environ.get("PILOT_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pilot_hf").setLevel(os.environ.get("PILOT_LOG_LEVEL", "INFO"))  # progress of long steps
     try:
         if command == "push":
             from .hub import main as push_main
@@ -154,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .sweep import sweep
             sweep(*args)
-    except UserError as err:
+    except (UserError, ValueError) as err:  # bad input: one paragraph, no traceback (PILOT_DEBUG=1 shows it)
+        if os.environ.get("PILOT_DEBUG"):
+            raise
         print(f"pilot-hf {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import default_data_collator
 
 from .assets import DEMO_MODEL, is_offline, load_demo_model
 from .data import EVALUATION_TEXTS, DataArguments, calibration_samples, prepare_lm_datasets
@@ -208,6 +209,7 @@ def compress(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
     with staged_output(training_args.output_dir, run_args.overwrite_output_dir, bool(resume), is_main) as partial:
         final_dir = Path(training_args.output_dir).expanduser().resolve()
         model, tokenizer = load_model(model_args)
+        PILoTTrainer.check_pattern(model, training_args)  # fail before any slow step
         lm_data = prepare_lm_datasets(data_args, tokenizer, model)
         dense = None if eval_args.skip_dense_eval or not is_main else evaluate_model(model, tokenizer, eval_args)
         if run_args.warm_start and not resume:
@@ -217,11 +219,14 @@ def compress(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
             oneshot_prune(model, calib, method=run_args.warm_start, sparsity=training_args.sparsity,
                           pattern=training_args.sparsity_pattern, config=training_args.pilot_config())
         training_args.output_dir = str(partial)
+        # Packed blocks all have block_size tokens: stack them, no padding (tokenizers may have no pad token).
         trainer = PILoTTrainer(model=model, args=training_args, train_dataset=lm_data["train"],
-                               eval_dataset=lm_data.get("validation"), processing_class=tokenizer)
+                               eval_dataset=lm_data.get("validation"), processing_class=tokenizer,
+                               data_collator=default_data_collator)
         train_output = trainer.train(resume_from_checkpoint=resume)
         training_args.output_dir = str(final_dir)
-        metrics = {"train": train_output.metrics, "sparsity_report_total": trainer.sparsity_report["total"]}
+        metrics = {"train": train_output.metrics, "sparsity_report_total": trainer.sparsity_report["total"],
+                   "alpha_history": trainer.controller.history, "world_size": training_args.world_size}
         trainer.save_model(str(partial))  # on every process: FSDP gathers the full state dict here
         if is_main:
             # Trainer also pickles its arguments; the output folder holds safetensors and JSON only.

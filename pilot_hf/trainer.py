@@ -58,7 +58,7 @@ class PILoTTrainer(Trainer):
             args = PILoTTrainingArguments(output_dir="pilot-output")
         if not isinstance(args, PILoTTrainingArguments):
             raise TypeError(f"PILoTTrainer takes PILoTTrainingArguments, got {type(args).__name__}.")
-        self._check_pattern(model, args)
+        self.check_pattern(model, args)
         if args.reparameterized and not is_wrapped(model):
             wrap_model(model, args.pilot_config())
         elif not args.reparameterized and is_wrapped(model):
@@ -82,7 +82,7 @@ class PILoTTrainer(Trainer):
     # ----- targets and parameters -----------------------------------------------------------------
 
     @staticmethod
-    def _check_pattern(model: nn.Module, args: PILoTTrainingArguments) -> None:
+    def check_pattern(model: nn.Module, args: PILoTTrainingArguments) -> None:
         """Fail before any step if the pattern does not fit the target shapes (e.g. N:M vs in_features)."""
         if args.sparsity is None:
             return

@@ -19,6 +19,7 @@ _METHOD_DEFAULTS = {
     "dense": {"alpha_schedule": "none", "init": None},  # plain fine-tuning, then magnitude pruning
 }
 REGULARIZATIONS = ("coupled", "decoupled")
+DEFAULT_SPARSITY = 0.5
 
 # The settings that define a PILoT run: resuming a checkpoint made with other values is refused.
 PILOT_SETTINGS = (
@@ -33,9 +34,9 @@ class PILoTTrainingArguments(TrainingArguments):
     """`TrainingArguments` for `PILoTTrainer`. Every field below has a command-line flag of the same name."""
 
     sparsity: float | None = field(
-        default=0.5,
+        default=DEFAULT_SPARSITY,
         metadata={"help": "Fraction of target weights removed at the end of training, in (0, 1). None: train "
-                  "the masks but do not prune. N:M patterns imply (M-N)/M."},
+                  "the masks but do not prune. N:M patterns set it to (M-N)/M."},
     )
     sparsity_pattern: str = field(
         default="unstructured",
@@ -115,6 +116,8 @@ class PILoTTrainingArguments(TrainingArguments):
 
         pattern = SparsityPattern.parse(self.sparsity_pattern)
         self.sparsity_pattern = str(pattern)
+        if pattern.is_nm and self.sparsity == DEFAULT_SPARSITY:  # the pattern decides; 0.5 was only the default
+            self.sparsity = None
         if self.sparsity is not None or pattern.is_nm:
             self.sparsity = pattern.resolve_sparsity(self.sparsity)
 

@@ -1,0 +1,199 @@
+"""The CLI as a user drives it: subprocesses, exit codes, files on disk."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+import yaml
+
+from conftest import byte_tokenizer
+from pilot_hf import cli
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level tokenizer, saved as a model folder, and a local training text."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    text = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(200))
+    (root / "train.txt").write_text(text)
+    return root
+
+
+def pilot_hf(*args, cwd=None, env=ENV):
+    return subprocess.run([sys.executable, "-m", "pilot_hf.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+
+
+def tiny_flags(tiny_dir, out, *extra):
+    return ["--model_name_or_path", tiny_dir / "model", "--train_file", tiny_dir / "train.txt", "--block_size", 32,
+            "--output_dir", out, "--max_steps", 6, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3,
+            "--alpha_update_interval", 2, "--sparsity", 0.5, "--recovery_steps", 2, "--save_strategy", "no",
+            "--report_to", "none", "--eval_texts", "pydoc", "--eval_max_tokens", 512, "--eval_max_length", 64,
+            "--use_cpu", "--seed", 0, *extra]
+
+
+def test_compress_then_evaluate(tiny_dir, tmp_path):
+    out = tmp_path / "sparse"
+    run = pilot_hf("compress", *tiny_flags(tiny_dir, out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"saved to: {out}" in run.stdout and "| pydoc |" in run.stdout
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "sparsity_report.json", "metrics.json",
+            "run_config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # safetensors and JSON only
+    assert not (tmp_path / ".sparse.partial").exists()
+    report = json.loads((out / "sparsity_report.json").read_text())
+    assert all(layer["zeros"] == layer["numel"] // 2 for layer in report["layers"].values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    resolved = json.loads((out / "run_config.json").read_text())
+    assert resolved["training"]["sparsity"] == 0.5 and resolved["data"]["block_size"] == 32
+
+    evaluated = pilot_hf("evaluate", "--model_name_or_path", out, "--eval_texts", "pydoc", "--eval_max_tokens", 512,
+                         "--eval_max_length", 64, "--output_file", tmp_path / "eval.json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((tmp_path / "eval.json").read_text())["pydoc"]["perplexity"]
+    assert again == pytest.approx(metrics["sparse"]["pydoc"]["perplexity"], rel=1e-6)
+
+
+def test_yaml_and_command_line_resolve_identically(tiny_dir, tmp_path):
+    flags = [str(a) for a in tiny_flags(tiny_dir, tmp_path / "o")]
+    pairs = {}
+    i = 0
+    while i < len(flags):
+        key = flags[i][2:]
+        if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            pairs[key] = yaml.safe_load(flags[i + 1])
+            i += 2
+        else:
+            pairs[key] = True
+            i += 1
+    pairs["eval_texts"] = ["pydoc"]
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(pairs))
+    from_flags = cli.parse("compress", flags)
+    from_yaml = cli.parse("compress", ["--config", str(config)])
+    assert [asdict(a) for a in from_flags] == [asdict(a) for a in from_yaml]
+    # the command line overrides the file
+    overridden = cli.parse("compress", ["--config", str(config), "--sparsity", "0.7"])
+    assert overridden[3].sparsity == 0.7
+
+
+def test_demo_defaults_equal_the_demo_config():
+    bare = cli.parse("compress", [])
+    from_file = cli.parse("compress", ["--config", str(REPO / "configs" / "demo_cpu.yaml")])
+    assert [asdict(a) for a in bare] == [asdict(a) for a in from_file]
+    assert bare[0].model_name_or_path == "smollm2-135m" and bare[3].sparsity == 0.5
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse(config):
+    # GPU configs ask for bf16, which TrainingArguments refuses on a CPU-only machine: override just that.
+    cpu = ["--bf16", "false", "--use_cpu", "true"] if "gpu" in config.name else []
+    args = cli.parse("compress", ["--config", str(config), *cpu])
+    raw = yaml.safe_load(config.read_text())
+    resolved = {k: v for a in args for k, v in asdict(a).items()}
+    for key, value in raw.items():
+        if key not in ("bf16", "use_cpu", "report_to", "save_strategy", "lr_scheduler_type"):
+            assert resolved[key] == value, key
+
+
+def _error(run):
+    return run.returncode, run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ""
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--sparsty", "0.5"], "unknown argument(s) ['--sparsty'"),
+    (["--sparsity", "1.5"], "strictly between 0 and 1"),
+    (["--sparsity_pattern", "3:5"], "divisible by 5"),
+])
+def test_bad_flags(tiny_dir, tmp_path, extra, message):
+    run = pilot_hf("compress", *tiny_flags(tiny_dir, tmp_path / "o"), *extra)
+    code, last = _error(run)
+    assert code == 2 and message in last, run.stderr[-2000:]
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_bad_config_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("sparsity: 0.5\nlearning_rat: 1.0e-4\n")
+    code, last = _error(pilot_hf("compress", "--config", config))
+    assert code == 2 and "unknown key(s) ['learning_rat']" in last
+
+
+def test_existing_output_dir_is_refused(tiny_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, last = _error(pilot_hf("compress", *tiny_flags(tiny_dir, out)))
+    assert code == 2 and "--overwrite_output_dir" in last
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("model,message", [
+    ("/does/not/exist", "does not exist"),
+    ("some-org/some-model", "Hub is offline"),
+])
+def test_bad_model(tiny_dir, tmp_path, model, message):
+    flags = tiny_flags(tiny_dir, tmp_path / "o")
+    flags[1] = model
+    code, last = _error(pilot_hf("compress", *flags))
+    assert code == 2 and message in last
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_unwritable_output_dir(tiny_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, last = _error(pilot_hf("compress", *tiny_flags(tiny_dir, blocker / "out")))
+    assert code == 2 and "Choose an --output_dir in a folder you can write to" in last
+
+
+def test_failure_leaves_nothing_half_written(tiny_dir, tmp_path):
+    # An evaluation text that does not exist fails after training: no output_dir, no partial folder.
+    out = tmp_path / "o"
+    run = pilot_hf("compress", *tiny_flags(tiny_dir, out), "--eval_texts", "nonexistent-text")
+    assert run.returncode != 0
+    assert not out.exists() and not (tmp_path / ".o.partial").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_dir, tmp_path):
+    """accelerate launch, 2 CPU processes over gloo (configs/accelerate/cpu_2proc.yaml): same α decisions and
+    weights as one process with the
+    same global batch; only the main process writes. 8 training blocks = one global batch per step, so both
+    runs see the same samples at every step whatever the sampler's order."""
+    single = tmp_path / "single"
+    run = pilot_hf("compress", *tiny_flags(tiny_dir, single, "--per_device_train_batch_size", 8,
+                                           "--max_train_samples", 8))
+    assert run.returncode == 0, run.stderr[-3000:]
+    double = tmp_path / "double"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), str(REPO / "scripts" / "compress.py"),
+           *map(str, tiny_flags(tiny_dir, double, "--per_device_train_batch_size", 4, "--max_train_samples", 8))]
+    run2 = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert run2.returncode == 0, run2.stderr[-3000:]
+    assert run2.stdout.count("saved to:") == 1  # the summary (and every file) comes from the main process only
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (single, double))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    assert m1["alpha_history"] == m2["alpha_history"] and m1["alpha_history"]
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
