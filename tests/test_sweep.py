@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from pilot_hf import sweep as S
+from pilot_hf.pipeline import EvalArguments, ModelArguments
+from test_cli import tiny_dir  # noqa: F401  (module-scoped fixture: a tiny model folder)
+
+
+def args_for(tmp_path, tiny_dir, methods):
+    model = ModelArguments(model_name_or_path=str(tiny_dir / "model"))
+    ev = EvalArguments(eval_texts=["pydoc"], eval_max_tokens=512, eval_max_length=64, skip_dense_eval=True)
+    sw = S.SweepArguments(methods=methods, sparsities=["0.5", "2:4"], output_dir=str(tmp_path / "sweep"),
+                          train_dataset="builtin:pydoc", block_size=32, num_calibration_samples=4, max_steps=4,
+                          recovery_steps=1, alpha_update_interval=2)
+    return model, ev, sw
+
+
+def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: F811
+    results = S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot"]))
+    assert len(results) == 1 + 3 * 2
+    out = tmp_path / "sweep"
+    for name in ("results.json", "results.csv", "results.md", "perplexity_vs_sparsity.png", "sweep_config.json"):
+        assert (out / name).is_file(), name
+    by_cell = {(r["method"], r["sparsity"]): r for r in results}
+    assert by_cell[("magnitude", "0.5")]["actual_sparsity"] == 0.5
+    assert by_cell[("wanda", "2:4")]["actual_sparsity"] == 0.5
+    assert by_cell[("pilot", "2:4")]["tokens_trained"] == 4 * 4 * 32
+    assert by_cell[("dense", "0")]["actual_sparsity"] == 0.0
+
+    # Interrupted sweep: drop one finished cell, rerun with one more method: only the missing cells run.
+    stored = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps([r for r in stored if r["method"] != "wanda"]))
+    calls = []
+    real = S.run_cell
+    monkeypatch.setattr(S, "run_cell", lambda base, tok, m, s, *a: calls.append((m, s)) or real(base, tok, m, s, *a))
+    S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot", "sparsegpt"]))
+    assert sorted(calls) == [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4")]
+
+
+def test_bad_sweep_arguments():
+    with pytest.raises(ValueError, match="unknown method"):
+        S.SweepArguments(methods=["obs"])
+    with pytest.raises(ValueError, match="0 < N < M"):
+        S.SweepArguments(sparsities=["4:2"])
