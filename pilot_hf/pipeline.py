@@ -185,6 +185,17 @@ def evaluate_model(model, tokenizer, args: EvalArguments) -> dict[str, dict]:
     return {name: r.to_dict() for name, r in results.items()}
 
 
+def card_results(dense: dict | None, sparse: dict) -> list[dict]:
+    """Held-out perplexities in the model card's form (built-in texts are named, not Hub datasets)."""
+    return [{"dataset": f"pilot-hf/builtin-{name}", "dataset_name": f"{name} (held-out part, built-in text)",
+             "split": "test", "sparse_perplexity": r["perplexity"],
+             **({"dense_perplexity": dense[name]["perplexity"]} if dense else {})} for name, r in sparse.items()]
+
+
+def base_model_id(model_args: ModelArguments, model) -> str:
+    return getattr(model.config, "name_or_path", None) or model_args.model_name_or_path or DEMO_MODEL
+
+
 def summary_table(dense: dict | None, sparse: dict, sparsity: float, output_dir: Path, elapsed_s: float) -> str:
     lines = ["| text | dense ppl | sparse ppl |", "|---|---|---|"]
     for name, r in sparse.items():
@@ -238,6 +249,12 @@ def compress(model_args: ModelArguments, data_args: DataArguments, eval_args: Ev
                            * len(lm_data["train"][0]["input_ids"]))
             write_json(partial / "sparsity_report.json", trainer.sparsity_report)
             write_json(partial / "metrics.json", metrics)
+            from .hub import write_model_card
+
+            write_model_card(partial, trainer.card_info(
+                results=card_results(dense, sparse), base_model=base_model_id(model_args, model),
+                command=" ".join(["pilot-hf", *sys.argv[1:]]),
+                training_data=f"{data_args.dataset_name or data_args.train_file} (train split)"))
             write_json(partial / "run_config.json", {
                 "model": asdict(model_args), "data": asdict(data_args), "eval": asdict(eval_args),
                 "run": asdict(run_args), "training": json.loads(training_args.to_json_string()),
@@ -304,6 +321,16 @@ def oneshot(model_args: ModelArguments, os_args: OneShotArguments, eval_args: Ev
         tokenizer.save_pretrained(partial)
         write_json(partial / "sparsity_report.json", {"layers": report.layers, "total": report.total})
         write_json(partial / "metrics.json", metrics)
+        from .hub import write_model_card
+
+        write_model_card(partial, {
+            "base_model": base_model_id(model_args, model), "method": os_args.method,
+            "sparsity_report": {"layers": report.layers, "total": report.total},
+            "hyperparameters": {**report.method_config, "sparsity": os_args.sparsity,
+                                "num_calibration_samples": run_args.num_calibration_samples,
+                                "calibration_seqlen": run_args.calibration_seqlen},
+            "pattern": os_args.sparsity_pattern, "results": card_results(dense, sparse),
+            "command": " ".join(["pilot-hf", *sys.argv[1:]])})
         write_json(partial / "run_config.json", {"model": asdict(model_args), "oneshot": asdict(os_args),
                                                  "eval": asdict(eval_args), "run": asdict(run_args),
                                                  "method_config": report.method_config,

@@ -358,6 +358,35 @@ class PILoTTrainer(Trainer):
         return self.model
 
 
+    # ----- model card ----------------------------------------------------------------------------------
+
+    def card_info(self, results: list[dict] | None = None, base_model: str | None = None, **kwargs) -> dict:
+        """What the model card says about this run (see pilot_hf.hub.CardInfo)."""
+        a = self.args
+        hyper = {k: v for k, v in a.pilot_settings().items() if v is not None}
+        hyper.update(learning_rate=a.learning_rate, max_steps=self.state.max_steps, optim=str(a.optim),
+                     per_device_train_batch_size=a.per_device_train_batch_size,
+                     gradient_accumulation_steps=a.gradient_accumulation_steps, seed=a.seed)
+        return {"base_model": base_model or getattr(self.model.config, "name_or_path", None) or "unknown",
+                "sparsity_report": self.sparsity_report or sparsity_report(self.model, a.pilot_config()),
+                "method": a.method if a.method == "pilot" else f"{a.method} (PILoTTrainer ablation)",
+                "hyperparameters": hyper, "pattern": a.sparsity_pattern, "results": results or [], **kwargs}
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """Write README.md in output_dir with PILoT's card (so `push_to_hub()` publishes it)."""
+        from .hub import write_model_card
+
+        if not self.is_world_process_zero():
+            return
+        extra = {k: v for k, v in dict(language=language, license=license, model_name=model_name).items() if v}
+        if tags:
+            extra["tags"] = [tags] if isinstance(tags, str) else list(tags)
+        if dataset:
+            extra["datasets"] = [dataset] if isinstance(dataset, str) else list(dataset)
+        write_model_card(self.args.output_dir, self.card_info(base_model=finetuned_from, **extra))
+
+
 class _PILoTCallback(TrainerCallback):
     """Connects the trainer's PILoT logic to the loop's events (no logic of its own)."""
 

@@ -61,6 +61,11 @@ def test_compress_then_evaluate(tiny_dir, tmp_path):
     report = json.loads((out / "sparsity_report.json").read_text())
     assert all(layer["zeros"] == layer["numel"] // 2 for layer in report["layers"].values())
     metrics = json.loads((out / "metrics.json").read_text())
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert {"sparse", "pilot"} <= set(card.data.tags)
+    assert card.data.eval_results[0].metric_value == pytest.approx(metrics["sparse"]["pydoc"]["perplexity"])
     resolved = json.loads((out / "run_config.json").read_text())
     assert resolved["training"]["sparsity"] == 0.5 and resolved["data"]["block_size"] == 32
 

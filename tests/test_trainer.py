@@ -272,3 +272,15 @@ def test_regularization_through_the_loss_gives_the_same_gradient(tmp_path, monke
     assert grads[False].keys() == grads[True].keys()
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-7)
+
+
+def test_create_model_card_describes_the_run(tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = make_trainer(tmp_path, sparsity=0.5)
+    trainer.train()
+    trainer.create_model_card(finetuned_from="org/base-model", tags=["demo"])
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "org/base-model"
+    assert {"sparse", "pilot", "demo"} <= set(card.data.tags)
+    assert "Mask in the Mirror" in card.text and "alpha_init" in card.text
