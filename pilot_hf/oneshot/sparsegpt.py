@@ -158,19 +158,20 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
                 if k > 0:
                     mask1.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], True)
 
+        d_list = d.tolist()
         for i in range(count):
             if pattern.is_nm and i % pattern.m == 0:
                 group = W1[:, i:i + pattern.m].pow(2) / d[i:i + pattern.m].pow(2).unsqueeze(0)
                 group[:, dead1[i:i + pattern.m]] = -1.0
                 lowest = torch.argsort(group, dim=1, stable=True)[:, :pattern.m - pattern.n]
                 mask1[row_index.unsqueeze(1), i + lowest] = True
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
-            err = (w - q) / d[i]
-            # OBS update of this block's remaining columns (column i itself becomes q).
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q
-            Err1[:, i] = err
+            # err = (w − q) / U_ii with q = w at kept entries and 0 at pruned ones.
+            err = Err1[:, i]
+            torch.mul(W1[:, i], mask1[:, i], out=err)
+            err.div_(d_list[i])
+            # OBS update of this block's remaining columns; column i itself becomes q (pruned entries ~0).
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            W1[:, i].masked_fill_(mask1[:, i], 0.0)
 
         W[:, i1:i2] = W1
         pruned[:, i1:i2] = mask1
