@@ -284,3 +284,12 @@ def test_create_model_card_describes_the_run(tmp_path):
     assert card.data.base_model == "org/base-model"
     assert {"sparse", "pilot", "demo"} <= set(card.data.tags)
     assert "Mask in the Mirror" in card.text and "alpha_init" in card.text
+
+
+@pytest.mark.slow
+def test_torch_compile_on(tmp_path):
+    trainer = make_trainer(tmp_path, torch_compile=True, max_steps=6, alpha_update_interval=2, sparsity=0.5)
+    trainer.train()
+    assert len(trainer.controller.history) == 3
+    assert len(trainer._regularized_ids) == len(trainer.regularized) > 0  # compile's name prefixes are stripped
+    assert trainer.sparsity_report["total"]["sparsity"] == 0.5
