@@ -167,7 +167,7 @@ class PILoTTrainer(Trainer):
     @torch.no_grad()
     def _apply_frozen_pattern(self, *_):
         for p, keep in self.frozen:
-            p.mul_(keep)
+            p.masked_fill_(~keep, 0)  # +0.0, not -0.0: zero signs cost bits in compressed checkpoints
 
     # ----- controller, pruning and diagnostics ------------------------------------------------------
 
