@@ -76,6 +76,15 @@ class PILoTConfig:
             raise ValueError(f"target_modules must be a list of names or a regex string, got {self.target_modules!r}.")
         if isinstance(self.exclude_modules, str):
             _check_regex(self.exclude_modules, "exclude_modules")
+        # PEFT's matcher applies layers_to_transform only to lists of names; with a regex it would be
+        # silently ignored (PEFT's own configs reject this combination too).
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
+                and self.target_modules != ALL_LINEAR:
+            raise ValueError("layers_to_transform cannot be combined with a regex target_modules; put the block "
+                             "index in the regex (e.g. r'.*\\.layers\\.(0|1)\\..*') or pass a list of names.")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only says where layers_to_transform's indices are; set "
+                             "layers_to_transform too, or drop layers_pattern.")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is not known; use one of {INITS}.")
         if self.init == "spred":

@@ -15,9 +15,20 @@ def pilot_init(W: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor
     (m0 = sqrt|W|, w0 = sign(W) sqrt|W|); there W = 0 gives m0 = w0 = 0.
     """
     W32 = W.detach().float()
-    mask = torch.sqrt((beta + torch.sqrt(beta * beta + 4 * W32 * W32)) / 2)
-    weight = torch.where(mask > 0, W32 / mask.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(W32))
-    return mask, weight
+    mask = _pilot_mask(W32, beta)
+    return mask, _solve_weight(W32, mask)
+
+
+def _pilot_mask(W32: torch.Tensor, beta: float) -> torch.Tensor:
+    # hypot(β, 2W) = sqrt(β² + 4W²) without squaring: W² underflows for |W| < ~1e-19, which with β = 0
+    # would give m0 = w0 = 0 and silently drop that weight.
+    return torch.sqrt((beta + torch.hypot(W32.new_tensor(beta), 2 * W32)) / 2)
+
+
+def _solve_weight(W32: torch.Tensor, mask32: torch.Tensor) -> torch.Tensor:
+    """w0 = W / m0, and 0 where m0 = 0 (only W = 0 with β = 0)."""
+    weight = W32 / mask32
+    return weight.masked_fill_(mask32 == 0, 0.0)
 
 
 class MaskedLinear(nn.Module):
@@ -37,9 +48,13 @@ class MaskedLinear(nn.Module):
         self.transposed = isinstance(base, Conv1D)  # weight is (in, out)
         self.out_features, self.in_features = (W.shape[1], W.shape[0]) if self.transposed else W.shape
         self.beta = float(beta)
-        mask, weight = pilot_init(W, self.beta)
-        self.mask = nn.Parameter(mask.to(device=W.device, dtype=mask_dtype or W.dtype))
-        self.weight = nn.Parameter(weight.to(device=W.device, dtype=W.dtype))
+        W32 = W.detach().float()
+        mask = _pilot_mask(W32, self.beta).to(dtype=mask_dtype or W.dtype)
+        # Solve w0 against the mask as stored: in bf16/fp16 the rounded mask is what the forward
+        # multiplies by, and this keeps mask ⊙ weight == W for far more entries than W / m0(fp32).
+        weight = _solve_weight(W32, mask.float())
+        self.mask = nn.Parameter(mask)
+        self.weight = nn.Parameter(weight.to(dtype=W.dtype))
         self.bias = base.bias  # same Parameter object: trainable state and ties are unchanged
         self.weight_requires_grad = W.requires_grad
         # The replaced module, emptied of its dense weight (memory) and kept out of the module tree.
@@ -48,11 +63,15 @@ class MaskedLinear(nn.Module):
         self.__dict__["base_layer"] = base
 
     def merged_weight(self) -> torch.Tensor:
-        """The effective weight mask ⊙ weight, in the weight's dtype and layout."""
+        """The effective weight mask ⊙ weight, in the weight's dtype and layout.
+
+        The product is taken in the wider of the two dtypes and rounded once, and the forward uses this
+        same tensor, so merging never changes the model's outputs (also with mask_dtype != weight dtype).
+        """
         return (self.mask * self.weight).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.mask.to(self.weight.dtype) * self.weight
+        W = self.merged_weight()
         return F.linear(x, W.t() if self.transposed else W, self.bias)
 
     @torch.no_grad()
@@ -61,6 +80,7 @@ class MaskedLinear(nn.Module):
         base = self.base_layer
         base.weight = nn.Parameter(self.merged_weight(), requires_grad=self.weight_requires_grad)
         base.bias = self.bias
+        base.train(self.training)  # it sat outside the module tree, so train()/eval() did not reach it
         return base
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@ comes first (layer order, then row-major index) is pruned first.
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class SparsityPattern:
             implied = (self.m - self.n) / self.m
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
                 raise ValueError(f"pattern {self} always gives sparsity {implied:g}; got sparsity={sparsity}. "
-                                 "Leave sparsity unset or set it to that value.")
+                                 f"Pass sparsity=None (N:M fixes it) or sparsity={implied!r}.")
             return implied
         check_sparsity(sparsity)
         return float(sparsity)
@@ -63,44 +64,54 @@ class SparsityPattern:
 
 
 def check_sparsity(sparsity) -> None:
-    if sparsity is None or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+    # numbers.Real also admits numpy scalars (np.float32 is no float subclass); a bool is no fraction.
+    if not isinstance(sparsity, numbers.Real) or isinstance(sparsity, bool) or not 0 < sparsity < 1:
         raise ValueError(f"sparsity={sparsity!r}: give the fraction of weights to remove, strictly between 0 and 1 "
                          "(0.5 removes half).")
 
 
 def _prune_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean 'pruned' flags for exactly the k lowest entries of a flat score (first index first on ties)."""
-    pruned = torch.zeros_like(score, dtype=torch.bool)
+    """Boolean 'pruned' flags for exactly the k lowest entries along the last dim of `score` (every row
+    the same k; the first index goes first among equal scores).
+
+    A k-th value threshold plus a running count of the ties at it: linear time and memory, where a stable
+    argsort needs an int64 index per entry (8 bytes/weight; prohibitive for 'global' on large models)."""
+    n = score.shape[-1]
     if k <= 0:
-        return pruned
-    if k >= score.numel():
-        return ~pruned
-    # argsort(stable) puts equal scores in index order, so the earliest ties are pruned first.
-    pruned[torch.argsort(score, stable=True)[:k]] = True
-    return pruned
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(score, dtype=torch.bool)
+    threshold = torch.kthvalue(score, k, dim=-1, keepdim=True).values
+    below = score < threshold
+    ties = score == threshold
+    need = k - below.sum(dim=-1, keepdim=True)  # >= 1, and there are at least that many ties
+    rank = torch.cumsum(ties, dim=-1, dtype=torch.int32 if n < 2**31 else torch.int64)
+    return below | (ties & (rank <= need))
 
 
 def keep_mask(score: torch.Tensor, sparsity: float | None, pattern: str | SparsityPattern) -> torch.Tensor:
     """Keep-mask of one layer for the per-layer patterns (unstructured, row, N:M)."""
     pattern = SparsityPattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
+    _check_scores(score)
     score = score.detach().float()
     out_features, in_features = score.shape
     if pattern.kind in ("unstructured", "global"):
         pruned = _prune_lowest(score.flatten(), round(sparsity * score.numel())).view_as(score)
     elif pattern.kind == "row":
-        k = round(sparsity * in_features)
-        order = torch.argsort(score, dim=1, stable=True)
-        pruned = torch.zeros_like(score, dtype=torch.bool)
-        pruned.scatter_(1, order[:, :k], True)
+        pruned = _prune_lowest(score, round(sparsity * in_features))
     else:
         pattern.check_shape("this layer", (out_features, in_features))
         groups = score.view(out_features, in_features // pattern.m, pattern.m)
-        order = torch.argsort(groups, dim=2, stable=True)
-        pruned = torch.zeros_like(groups, dtype=torch.bool)
-        pruned.scatter_(2, order[..., : pattern.m - pattern.n], True)
-        pruned = pruned.view_as(score)
+        pruned = _prune_lowest(groups, pattern.m - pattern.n).view_as(score)
     return ~pruned
+
+
+def _check_scores(score: torch.Tensor, name: str = "this layer") -> None:
+    if score.dim() != 2:
+        raise ValueError(f"scores of {name} must be 2-D (out_features, in_features), got shape {tuple(score.shape)}.")
+    if torch.isnan(score).any():
+        raise ValueError(f"scores of {name} contain NaN (diverged weights?); nothing was pruned.")
 
 
 def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | None,
@@ -109,6 +120,7 @@ def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | None,
     pattern = SparsityPattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
     for name, score in scores.items():
+        _check_scores(score, name)
         pattern.check_shape(name, tuple(score.shape))
     if pattern.kind != "global":
         return {name: keep_mask(score, sparsity, pattern) for name, score in scores.items()}

@@ -82,6 +82,19 @@ def _shared_weight_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def _check_targets(model: nn.Module, targets: dict[str, nn.Module], action: str) -> None:
+    """Refuse targets without a real weight, or whose weight is shared (tied) with another module."""
+    owners = _shared_weight_owners(model)
+    for name, module in targets.items():
+        if module.weight is None or module.weight.is_meta:
+            raise ValueError(f"{name} has no materialized weight (meta device or offloaded); load the model "
+                             f"with its weights on CPU/GPU (no disk/CPU offload) before {action}.")
+        sharing = [n for n in owners[id(module.weight)] if n != name]
+        if sharing:
+            raise ValueError(f"{name} shares its weight with {sharing} (tied weights); {action} it would change "
+                             "those too. Exclude it from target_modules, or untie the weights first.")
+
+
 def wrap_model(model: nn.Module, config: PILoTConfig | None = None) -> nn.Module:
     """Replace every target linear layer by a `MaskedLinear` with the PILoT initialization, in place.
 
@@ -93,15 +106,7 @@ def wrap_model(model: nn.Module, config: PILoTConfig | None = None) -> nn.Module
         raise ValueError("this model is already wrapped (it has MaskedLinear layers); wrap it once, or call "
                          "merge_and_unload(model) first to get the plain model back.")
     targets = find_target_layers(model, config)
-    owners = _shared_weight_owners(model)
-    for name, module in targets.items():
-        if module.weight is None or module.weight.is_meta:
-            raise ValueError(f"{name} has no materialized weight (meta device or offloaded); load the model "
-                             "with its weights on CPU/GPU (no disk/CPU offload) before wrapping.")
-        sharing = [n for n in owners[id(module.weight)] if n != name]
-        if sharing:
-            raise ValueError(f"{name} shares its weight with {sharing} (tied weights); sparsifying it would change "
-                             "those too. Exclude it from target_modules, or untie the weights first.")
+    _check_targets(model, targets, "wrapping")
     for name, module in targets.items():
         masked = MaskedLinear(module, config.beta, config.torch_mask_dtype)
         hook = getattr(module, "_hf_hook", None)
@@ -135,15 +140,45 @@ def prune_model(model: nn.Module, sparsity: float | None = 0.5,
     weight layout), which recovery fine-tuning uses to keep the pattern frozen.
     """
     layers = _require_wrapped(model)
-    scores = {n: _layout(m.merged_weight().abs(), m.transposed) for n, m in layers.items()}
+    return _prune(layers, None, sparsity, pattern)
+
+
+def _prune(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None, sparsity: float | None,
+           pattern: str | SparsityPattern) -> dict[str, torch.Tensor]:
+    """Keep-masks from `scores` (default |effective weight|, (out, in) layout), applied in place.
+    Every check runs before the first layer is touched."""
+    transposed = {n: m.transposed if isinstance(m, MaskedLinear) else isinstance(m, Conv1D)
+                  for n, m in layers.items()}
+    if scores is None:
+        scores = {n: _layout(_effective_weight(m).abs(), transposed[n]) for n, m in layers.items()}
+    else:
+        _check_scores(scores, layers, transposed)
+        scores = {n: scores[n] for n in layers}  # module order: 'global' breaks ties by it
     keep = keep_masks(scores, sparsity, pattern)
     result = {}
     for name, layer in layers.items():
-        k = _layout(keep[name], layer.transposed)
-        layer.mask.mul_(k)
+        k = _layout(keep[name], transposed[name]).to(layer.weight.device)
+        if isinstance(layer, MaskedLinear):
+            layer.mask.mul_(k)
         layer.weight.mul_(k)
         result[name] = k
     return result
+
+
+def _effective_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.merged_weight() if isinstance(layer, MaskedLinear) else layer.weight
+
+
+def _check_scores(scores: dict[str, torch.Tensor], layers: dict[str, nn.Module], transposed: dict[str, bool]) -> None:
+    missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
+    if missing or extra:
+        raise ValueError(f"scores must have exactly one entry per target layer; missing {missing}, "
+                         f"not a target {extra}.")
+    for name, layer in layers.items():
+        shape = tuple(_layout(_effective_weight(layer), transposed[name]).shape)
+        if tuple(scores[name].shape) != shape:
+            raise ValueError(f"scores[{name!r}] has shape {tuple(scores[name].shape)}; it must be {shape} "
+                             "(out_features, in_features), also for Conv1D layers.")
 
 
 @torch.no_grad()
@@ -151,20 +186,13 @@ def magnitude_prune(model: nn.Module, sparsity: float | None = 0.5, pattern: str
                     config: PILoTConfig | None = None, scores: dict[str, torch.Tensor] | None = None
                     ) -> dict[str, torch.Tensor]:
     """Prune a plain model's target layers by |W| (the simplest baseline), or by given `scores`
-    (name -> tensor in (out, in) layout, e.g. Wanda's). Works on wrapped models too (by |m ⊙ w|)."""
+    (name -> tensor in (out, in) layout, e.g. Wanda's). On a wrapped model the masked layers are the
+    targets (`config` is not used) and the default score is |m ⊙ w|."""
     if is_wrapped(model):
-        return prune_model(model, sparsity, pattern)
+        return _prune(masked_layers(model), scores, sparsity, pattern)
     targets = find_target_layers(model, config)
-    transposed = {n: isinstance(m, Conv1D) for n, m in targets.items()}
-    if scores is None:
-        scores = {n: _layout(m.weight.abs(), transposed[n]) for n, m in targets.items()}
-    keep = keep_masks(scores, sparsity, pattern)
-    result = {}
-    for name, module in targets.items():
-        k = _layout(keep[name], transposed[name])
-        module.weight.mul_(k)
-        result[name] = k
-    return result
+    _check_targets(model, targets, "pruning")
+    return _prune(targets, scores, sparsity, pattern)
 
 
 @torch.no_grad()
