@@ -109,9 +109,10 @@ def test_demo_defaults_equal_the_demo_config():
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse(config):
     # GPU configs ask for bf16, which TrainingArguments refuses on a CPU-only machine: override just that.
-    cpu = ["--bf16", "false", "--use_cpu", "true"] if "gpu" in config.name else []
-    args = cli.parse("compress", ["--config", str(config), *cpu])
     raw = yaml.safe_load(config.read_text())
+    command = "sweep" if "methods" in raw else "compress"
+    cpu = ["--bf16", "false", "--use_cpu", "true"] if "gpu" in config.name else []
+    args = cli.parse(command, ["--config", str(config), *cpu])
     resolved = {k: v for a in args for k, v in asdict(a).items()}
     for key, value in raw.items():
         if key not in ("bf16", "use_cpu", "report_to", "save_strategy", "lr_scheduler_type"):
