@@ -24,7 +24,9 @@ from .pruning import SparsityPattern
 logger = logging.getLogger(__name__)
 ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
 TRAINED_METHODS = ("pilot", "spred", "l1", "dense-ft")  # dense-ft: the trainer's method='dense'
-WARM_STARTS = ("pilot+wanda", "pilot+sparsegpt", "pilot+magnitude")  # PILoT from a one-shot x_init
+# A trained method from a one-shot x_init (pruned weights start at 0 and may regrow): 'pilot+wanda', ...;
+# 'dense-ft+wanda' is the control: plain fine-tuning of the one-shot model, then magnitude pruning.
+WARM_STARTS = tuple(f"{t}+{o}" for t in TRAINED_METHODS for o in ONESHOT_METHODS)
 METHODS = ("dense",) + ONESHOT_METHODS + TRAINED_METHODS + WARM_STARTS
 
 
@@ -79,7 +81,7 @@ def _train(model, tokenizer, method: str, sparsity: float, pattern: str, args: S
     from .training_args import PILoTTrainingArguments
 
     extra = yaml.safe_load(Path(args.extra_training_args).read_text()) if args.extra_training_args else {}
-    trainer_method = "dense" if method == "dense-ft" else method.split("+")[0]
+    trainer_method = method.split("+")[0].replace("dense-ft", "dense")
     with tempfile.TemporaryDirectory(prefix="pilot-sweep-") as tmp:
         targs = PILoTTrainingArguments(
             output_dir=tmp, method=trainer_method, sparsity=None if ":" in pattern else sparsity,
