@@ -5,6 +5,9 @@ tokens start every `stride` tokens; each window scores only the tokens no earlie
 to `max_length - stride` tokens of overlap as context. The first token of the text (and, when
 `stride == max_length`, the first token of every window) has no context and is not scored.
 `stride == max_length` gives the non-overlapping chunks of the pruning literature.
+The mean is over the tokens actually scored. (The doc's code weights each window's mean loss by its
+target count minus one, which is exact only when the window's first token is a target; with overlapping
+windows its numbers differ from ours in the 5th digit.)
 
 The same computation is available as an `evaluate` metric: `load_perplexity_metric()`.
 """
@@ -50,7 +53,9 @@ def sliding_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple
     windows, previous_end = [], 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + max_length, num_tokens)
-        windows.append((begin, end, max(previous_end, begin + 1)))
+        first_target = max(previous_end, begin + 1)
+        if first_target < end:  # a last window of one token (stride == max_length) would score nothing
+            windows.append((begin, end, first_target))
         previous_end = end
         if end == num_tokens:
             break
