@@ -77,9 +77,10 @@ class PILoTTrainingArguments(TrainingArguments):
                   "p ← p·(1 − 2·lr·α) at each step (AdamW-style)."},
     )
     mask_learning_rate: float | None = field(
-        default=1e-2,
+        default=1e-3,
         metadata={"help": "Learning rate of the masks (their own parameter group; masks start near 1 while weights "
-                  "are ~0.1, see METHOD.md section 8). None: same as learning_rate."},
+                  "are ~0.1, see METHOD.md section 8). Default 1e-3: with Adam, 3e-2 moved every mask by ~3% per "
+                  "step and wrecked SmolLM2 (docs/BENCHMARKS.md). None: same as learning_rate."},
     )
     recovery_steps: int = field(
         default=0,
