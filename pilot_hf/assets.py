@@ -103,7 +103,8 @@ TEXT_SOURCES = {
 
 
 def builtin_text(name: str) -> str:
-    """The full text of a built-in source ('pydoc', 'kjv')."""
+    """The full text of a built-in source ('pydoc', 'kjv', 'pyguide'); pilot_hf.data splits it into
+    train and held-out parts."""
     if name not in TEXT_SOURCES:
         raise ValueError(f"unknown built-in text {name!r}; choose one of {sorted(TEXT_SOURCES)}.")
     return TEXT_SOURCES[name]()

@@ -8,24 +8,11 @@ import pandas as pd
 import pytest
 import torch
 import transformers as T
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from conftest import byte_tokenizer
+from tokenizers import pre_tokenizers
 
 from pilot_hf import data as D
 from pilot_hf.assets import builtin_text
-
-
-def byte_tokenizer(bos: bool = True, eos: bool = True):
-    """A byte-level tokenizer built by hand (no training): <s>=0, </s>=1, then one token per byte.
-
-    bos=True adds <s> to every encoding like Llama's tokenizer; bos=False behaves like GPT-2's.
-    """
-    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    if bos:
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>" if eos else None)
 
 
 def byte_ids(text: str, bos: bool = True) -> list[int]:

@@ -7,8 +7,7 @@ import evaluate
 import pytest
 import torch
 import transformers as T
-from conftest import tiny_inputs, tiny_model
-from test_data import byte_tokenizer
+from conftest import byte_tokenizer, tiny_inputs, tiny_model
 
 from pilot_hf import data as D
 from pilot_hf.evaluation import PERPLEXITY_METRIC_PATH, heldout_perplexity, perplexity, sliding_windows
