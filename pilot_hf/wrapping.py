@@ -132,10 +132,11 @@ def _layout(t: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, sparsity: float | None = 0.5,
+def prune_model(model: nn.Module, sparsity: float | None = None,
                 pattern: str | SparsityPattern = "unstructured") -> dict[str, torch.Tensor]:
     """Zero the smallest |mask ⊙ weight| of every masked layer to exactly the target sparsity.
 
+    `sparsity` defaults to 0.5, or to (M − N)/M for an N:M pattern.
     Both mask and weight are zeroed at pruned entries. Returns the keep-masks (in each layer's
     weight layout), which recovery fine-tuning uses to keep the pattern frozen.
     """
@@ -154,13 +155,17 @@ def _prune(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None,
     else:
         _check_scores(scores, layers, transposed)
         scores = {n: scores[n] for n in layers}  # module order: 'global' breaks ties by it
+    if sparsity is None and not SparsityPattern.parse(pattern).is_nm:
+        sparsity = 0.5  # the default; N:M patterns fix their own
     keep = keep_masks(scores, sparsity, pattern)
     result = {}
     for name, layer in layers.items():
         k = _layout(keep[name], transposed[name]).to(layer.weight.device)
+        # masked_fill, not mul: a pruned negative weight must become +0.0, not -0.0 (compressed
+        # checkpoints store the sign of every -0.0 to stay bit-exact).
         if isinstance(layer, MaskedLinear):
-            layer.mask.mul_(k)
-        layer.weight.mul_(k)
+            layer.mask.masked_fill_(~k, 0.0)
+        layer.weight.masked_fill_(~k, 0.0)
         result[name] = k
     return result
 
@@ -182,7 +187,7 @@ def _check_scores(scores: dict[str, torch.Tensor], layers: dict[str, nn.Module],
 
 
 @torch.no_grad()
-def magnitude_prune(model: nn.Module, sparsity: float | None = 0.5, pattern: str | SparsityPattern = "unstructured",
+def magnitude_prune(model: nn.Module, sparsity: float | None = None, pattern: str | SparsityPattern = "unstructured",
                     config: PILoTConfig | None = None, scores: dict[str, torch.Tensor] | None = None
                     ) -> dict[str, torch.Tensor]:
     """Prune a plain model's target layers by |W| (the simplest baseline), or by given `scores`

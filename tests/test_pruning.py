@@ -356,7 +356,7 @@ def test_prune_model_on_unwrapped_model_raises(arch):
     assert_untouched(model, snap)
 
 
-@pytest.mark.parametrize("sparsity", [0, 1, -0.1, 1.5, None, True, float("nan"), "0.5"])
+@pytest.mark.parametrize("sparsity", [0, 1, -0.1, 1.5, True, float("nan"), "0.5"])
 @pytest.mark.parametrize("pattern", ["unstructured", "row", "global"])
 @pytest.mark.parametrize("wrapped", [True, False], ids=["prune_model", "magnitude_prune"])
 def test_sparsity_outside_open_interval_raises(sparsity, pattern, wrapped):
@@ -435,3 +435,20 @@ def test_nan_weights_are_refused_before_anything_is_pruned(wrapped):
     state, _ = snapshot(model)
     for key, value in state.items():  # equal_nan: the NaN itself is still there
         assert torch.allclose(value, snap[0][key], rtol=0, atol=0, equal_nan=True), key
+
+
+@pytest.mark.parametrize("pattern,expected", [("unstructured", 0.5), ("1:4", 0.75), ("2:4", 0.5)])
+def test_default_sparsity_is_half_or_the_n_m_ratio(pattern, expected):
+    model = tiny_model("llama")
+    magnitude_prune(model, pattern=pattern)
+    assert sparsity_report(model)["total"]["sparsity"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_pruned_zeros_are_positive_zeros():
+    model = tiny_model("llama")
+    wrap_model(model)
+    prune_model(model, 0.5)
+    for layer in masked_layers(model).values():
+        for p in (layer.mask, layer.weight):
+            zeros = p[p == 0]
+            assert not torch.signbit(zeros).any()

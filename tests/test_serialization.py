@@ -29,19 +29,26 @@ def assert_bit_exact(reference: dict, loaded: dict):
         assert torch.equal(bits(loaded[name]), bits(ref)), name
 
 
-def pruned_model(arch="llama", sparsity=0.5, dtype=torch.float32, seed=0):
+def pruned_model(arch="llama", sparsity=0.5, dtype=torch.float32, seed=0, negative_zeros=False):
+    """A tiny pruned model; `negative_zeros` turns the pruned entries of negative weights into -0.0, as
+    pruning by multiplication (`weight * keep`, common in other tools) leaves them."""
     model = tiny_model(arch, seed=seed, dtype=dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     if sparsity == "2:4":
         pilot_hf.magnitude_prune(model, None, "2:4")
     elif sparsity:
         pilot_hf.magnitude_prune(model, sparsity)
+    if negative_zeros:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(torch.where((p == 0) & (before[n] < 0), torch.full_like(p, -0.0), p))
     return model
 
 
 @pytest.fixture
 def saved(tmp_path):
-    """(model, dense folder, compressed folder) for a 50%-sparse fp32 tiny llama."""
-    model = pruned_model()
+    """(model, dense folder, compressed folder) for a 50%-sparse fp32 tiny llama (with some -0.0 zeros)."""
+    model = pruned_model(negative_zeros=True)
     model.save_pretrained(tmp_path / "dense")
     S.save_compressed(model, tmp_path / "packed")
     return model, tmp_path / "dense", tmp_path / "packed"
@@ -172,10 +179,10 @@ def test_format_on_disk(saved):
 
 
 def test_dropping_zero_signs_is_smaller_and_numerically_equal(tmp_path):
-    model = pruned_model("llama", 0.5, torch.bfloat16)
+    model = pruned_model("llama", 0.5, torch.bfloat16, negative_zeros=True)
     kept = S.save_compressed(model, tmp_path / "kept")
     dropped = S.save_compressed(model, tmp_path / "dropped", keep_zero_signs=False)
-    assert any(w["zero_signs"] for w in kept["weights"].values())  # magnitude_prune leaves -0.0
+    assert any(w["zero_signs"] for w in kept["weights"].values())
     assert dropped["stored_bytes"] < kept["stored_bytes"]
     loaded = S.load_compressed(tmp_path / "dropped").state_dict()
     for name, ref in model.state_dict().items():
