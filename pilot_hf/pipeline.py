@@ -17,7 +17,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformers import default_data_collator
@@ -39,10 +38,10 @@ class UserError(Exception):
 class ModelArguments:
     """Which model to compress."""
 
-    model_name_or_path: Optional[str] = field(default=None, metadata={
+    model_name_or_path: str | None = field(default=None, metadata={
         "help": f"A local model folder, a Hub id, or '{DEMO_MODEL}' (the offline SmolLM2-135M-Instruct, the "
                 "default)."})
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
     dtype: str = field(default="float32", metadata={
         "help": "Weights dtype to load: float32 (default; use --bf16 for mixed-precision training), bfloat16 or "
                 "float16."})
@@ -59,10 +58,10 @@ class EvalArguments:
 
     eval_texts: list[str] = field(default_factory=lambda: ["kjv", "pydoc"], metadata={
         "help": f"Built-in held-out texts to evaluate on ({', '.join(EVALUATION_TEXTS)}); never trained on."})
-    eval_max_tokens: Optional[int] = field(default=8192, metadata={
+    eval_max_tokens: int | None = field(default=8192, metadata={
         "help": "Evaluate on the first N tokens of each text (None: all of it)."})
     eval_max_length: int = field(default=512, metadata={"help": "Sliding-window length (tokens)."})
-    eval_stride: Optional[int] = field(default=None, metadata={
+    eval_stride: int | None = field(default=None, metadata={
         "help": "Tokens between window starts; default eval_max_length (no overlap)."})
     eval_batch_size: int = field(default=4, metadata={"help": "Windows per forward pass."})
     skip_dense_eval: bool = field(default=False, metadata={"help": "Do not evaluate the model before compression."})
@@ -74,13 +73,13 @@ class RunArguments:
 
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace output_dir if it exists (otherwise an existing output_dir is refused)."})
-    warm_start: Optional[str] = field(default=None, metadata={
+    warm_start: str | None = field(default=None, metadata={
         "help": "Start PILoT from a one-shot pruned model (x_init, METHOD.md section 2): 'wanda', 'sparsegpt' or "
                 "'magnitude'. Pruned weights start at 0 and may regrow."})
     num_calibration_samples: int = field(default=32, metadata={
         "help": "Calibration blocks for one-shot methods and warm starts."})
     calibration_seqlen: int = field(default=256, metadata={"help": "Tokens per calibration block."})
-    calibration_dataset: Optional[str] = field(default=None, metadata={
+    calibration_dataset: str | None = field(default=None, metadata={
         "help": "Calibration text (a dataset_name such as 'builtin:kjv'); default: the training data."})
 
 
@@ -273,7 +272,7 @@ class OneShotArguments:
     """One-shot pruning (no training)."""
 
     method: str = field(default="sparsegpt", metadata={"help": "magnitude, wanda or sparsegpt."})
-    sparsity: Optional[float] = field(default=None, metadata={
+    sparsity: float | None = field(default=None, metadata={
         "help": "Fraction of target weights removed; default 0.5, and N:M patterns imply (M-N)/M."})
     sparsity_pattern: str = field(default="unstructured", metadata={"help": "unstructured, row or N:M (e.g. 2:4)."})
     output_dir: str = field(default="outputs/oneshot", metadata={"help": "Where the pruned model is saved."})
@@ -294,7 +293,7 @@ class OneShotArguments:
 class EvaluateArguments:
     """Where to write the evaluation results (optional)."""
 
-    output_file: Optional[str] = field(default=None, metadata={"help": "Write the perplexities as JSON here."})
+    output_file: str | None = field(default=None, metadata={"help": "Write the perplexities as JSON here."})
 
 
 def oneshot(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalArguments,

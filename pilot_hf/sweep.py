@@ -16,7 +16,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from .pipeline import EvalArguments, ModelArguments, UserError, evaluate_model, load_model
 from .pruning import SparsityPattern
@@ -52,7 +51,7 @@ class SweepArguments:
     recovery_steps: int = field(default=10, metadata={"help": "Final steps with the pruning pattern frozen."})
     beta: float = field(default=1.0, metadata={"help": "PILoT init scale β."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and training."})
-    extra_training_args: Optional[str] = field(default=None, metadata={
+    extra_training_args: str | None = field(default=None, metadata={
         "help": "A YAML file of further PILoTTrainingArguments for the trained methods."})
 
     def __post_init__(self):

@@ -28,8 +28,16 @@ from .layers import MaskedLinear
 from .pruning import SparsityPattern, keep_masks
 from .regularization import AlphaController
 from .training_args import PILoTTrainingArguments
-from .wrapping import find_target_layers, is_wrapped, magnitude_prune, masked_layers, merge_and_unload, \
-    prune_model, sparsity_report, wrap_model
+from .wrapping import (
+    find_target_layers,
+    is_wrapped,
+    magnitude_prune,
+    masked_layers,
+    merge_and_unload,
+    prune_model,
+    sparsity_report,
+    wrap_model,
+)
 
 PILOT_STATE_NAME = "pilot_state.json"
 # Prefixes that DDP, FSDP and activation checkpointing add to parameter names.

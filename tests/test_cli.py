@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers as T
 import yaml
-
 from conftest import byte_tokenizer
+
 from pilot_hf import cli
 
 REPO = Path(__file__).resolve().parents[1]

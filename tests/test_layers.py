@@ -158,7 +158,7 @@ def test_half_precision_models_wrap(arch, dtype, mask_dtype):
     with torch.no_grad():
         merged = model(x).logits.float()
     assert torch.equal(merged, wrapped)
-    for name, module in find_target_layers(model).items():
+    for module in find_target_layers(model).values():
         assert type(module) is (Conv1D if arch == "gpt2" else nn.Linear) and module.weight.dtype == dtype
 
 

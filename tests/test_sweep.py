@@ -1,14 +1,14 @@
 import json
 
 import pytest
+from test_cli import tiny_dir  # noqa: F401  (the module-scoped fixture, reused)
 
 from pilot_hf import sweep as S
 from pilot_hf.pipeline import EvalArguments, ModelArguments
-from test_cli import tiny_dir  # noqa: F401  (module-scoped fixture: a tiny model folder)
 
 
-def args_for(tmp_path, tiny_dir, methods):
-    model = ModelArguments(model_name_or_path=str(tiny_dir / "model"))
+def args_for(tmp_path, model_dir, methods):
+    model = ModelArguments(model_name_or_path=str(model_dir / "model"))
     ev = EvalArguments(eval_texts=["pydoc"], eval_max_tokens=512, eval_max_length=64, skip_dense_eval=True)
     sw = S.SweepArguments(methods=methods, sparsities=["0.5", "2:4"], output_dir=str(tmp_path / "sweep"),
                           train_dataset="builtin:pydoc", block_size=32, num_calibration_samples=4, max_steps=4,
@@ -16,7 +16,7 @@ def args_for(tmp_path, tiny_dir, methods):
     return model, ev, sw
 
 
-def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: F811
+def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: F811 (pytest fixture)
     results = S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot"]))
     assert len(results) == 1 + 3 * 2
     out = tmp_path / "sweep"

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_inputs, tiny_model
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from conftest import tiny_inputs, tiny_model
 from pilot_hf import PILoTTrainer, PILoTTrainingArguments, is_wrapped, masked_layers
 
 
@@ -263,7 +263,7 @@ def test_regularization_through_the_loss_gives_the_same_gradient(tmp_path, monke
         monkeypatch.setattr(PILoTTrainer, "regularize_in_loss", property(lambda self, v=in_loss: v))
         seen = {}
 
-        def capture(optimizer, *_):  # registered after the regularization hook: sees its result
+        def capture(optimizer, *_, trainer=trainer, seen=seen):  # runs after the regularization hook
             seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
 
         trainer.create_optimizer().register_step_pre_hook(capture)
