@@ -293,3 +293,14 @@ def test_torch_compile_on(tmp_path):
     assert len(trainer.controller.history) == 3
     assert len(trainer._regularized_ids) == len(trainer.regularized) > 0  # compile's name prefixes are stripped
     assert trainer.sparsity_report["total"]["sparsity"] == 0.5
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    """bf16 autocast (CPU here; the same Trainer path on GPUs): masks/weights stay fp32, training works."""
+    trainer = make_trainer(tmp_path, bf16=True, sparsity=0.5, max_steps=10)
+    layers = masked_layers(trainer.model)
+    assert all(m.mask.dtype == m.weight.dtype == torch.float32 for m in layers.values())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert trainer.sparsity_report["total"]["sparsity"] == 0.5
