@@ -119,6 +119,7 @@ def test_exact_sparsity_and_pattern(arch, method, pattern, sparsity):
         W = _out_in(layer)
         _check_pattern(W, pattern, sparsity, name)
         assert torch.equal(report.masks[name], layer.weight != 0), name
+        assert not torch.signbit(layer.weight[layer.weight == 0]).any(), name  # +0.0, never -0.0
     # Only the target weights changed (biases, norms, embeddings, lm_head are untouched).
     target_weights = {f"{name}.weight" for name in targets}
     for key, value in model.state_dict().items():
@@ -358,6 +359,7 @@ def test_owl_block_sparsities_are_applied_exactly(method):
     for name, layer in find_target_layers(model).items():
         s = report.block_sparsity[int(name.split(".")[2])]
         assert int((layer.weight == 0).sum()) == round(s * layer.weight.numel()), name
+        assert not torch.signbit(layer.weight[layer.weight == 0]).any(), name
 
 
 # --- configs and errors -------------------------------------------------------------------------------------

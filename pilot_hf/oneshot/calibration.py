@@ -50,7 +50,7 @@ def blocks_of_layers(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[nn
     per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
     owner = {}
     for index, block in enumerate(blocks):
-        for sub_name, sub in block.named_modules():
+        for sub in block.modules():
             owner[id(sub)] = index
     outside = []
     for name, layer in layers.items():

@@ -24,4 +24,4 @@ class MagnitudeConfig:
                      pattern: SparsityPattern) -> tuple[torch.Tensor, torch.Tensor]:
         """(pruned weight, keep-mask) for one layer; used when layers get different sparsities (OWL)."""
         keep = keep_mask(weight.abs(), sparsity, pattern)
-        return weight * keep, keep
+        return weight.masked_fill(~keep, 0.0), keep

@@ -46,7 +46,8 @@ class WandaConfig:
             keep = row_balanced_keep_mask(score, sparsity)
         else:
             keep = keep_mask(score, sparsity, pattern)
-        return weight * keep, keep
+        # masked_fill, not mul: pruned negative weights become +0.0, not -0.0 (as pilot_hf.wrapping does).
+        return weight.masked_fill(~keep, 0.0), keep
 
 
 class ColumnNorms(InputStatistic):
