@@ -9,6 +9,7 @@ from .data import EVALUATION_TEXTS, DataArguments, calibration_samples, evaluati
 from .evaluation import PerplexityResult, heldout_perplexity, load_perplexity_metric, perplexity
 from .hub import CardInfo, push_to_hub, render_model_card, write_model_card
 from .layers import MaskedLinear, pilot_init
+from .oneshot import MagnitudeConfig, OneShotReport, OWLConfig, SparseGPTConfig, WandaConfig, oneshot_prune
 from .pruning import SparsityPattern, keep_mask, keep_masks
 from .regularization import AlphaController
 from .serialization import compress_checkpoint, load_compressed, save_compressed
@@ -32,7 +33,13 @@ __all__ = [
     "AlphaController",
     "CardInfo",
     "DataArguments",
+    "MagnitudeConfig",
     "MaskedLinear",
+    "OWLConfig",
+    "OneShotReport",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "oneshot_prune",
     "PILoTConfig",
     "PILoTTrainer",
     "PILoTTrainingArguments",

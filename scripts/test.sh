@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check pilot_hf scripts tests
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?
