@@ -48,7 +48,7 @@ def test_loss_goes_down_and_result_is_exactly_sparse(tmp_path):
 
 
 def test_regularization_gradient_is_exactly_2_alpha_p(tmp_path):
-    trainer = make_trainer(tmp_path, alpha_init=3e-3)
+    trainer = make_trainer(tmp_path, alpha_init=3e-3, mask_learning_rate=5e-3)
     optimizer = trainer.create_optimizer()
     trainer.state.max_steps = 20  # the controller is created at train begin; emulate it
     trainer._on_train_begin()
