@@ -24,16 +24,17 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .layers import MaskedLinear
 from .pruning import SparsityPattern, keep_masks
 from .regularization import AlphaController
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
+    effective_weight,
     find_target_layers,
     is_wrapped,
     magnitude_prune,
     masked_layers,
     merge_and_unload,
+    out_in_layout,
     prune_model,
     sparsity_report,
     wrap_model,
@@ -76,7 +77,7 @@ class PILoTTrainer(Trainer):
         self.regularized = self._regularized_parameters(model)  # name -> parameter
         self.masks = {n for n in self.regularized if n.endswith(".mask")}
         with torch.no_grad():
-            self.l1_init = float(sum(self._effective(m).abs().sum() for m in self._targets().values()))
+            self.l1_init = float(sum(effective_weight(m).abs().sum() for m in self._targets().values()))
         self.l1_ratio_threshold = args.l1_ratio_threshold or self._default_l1_ratio_threshold()
         self.controller: AlphaController | None = None
         self.pruned = False
@@ -97,15 +98,10 @@ class PILoTTrainer(Trainer):
         pattern = SparsityPattern.parse(args.sparsity_pattern)
         layers = masked_layers(model) or find_target_layers(model, args.pilot_config())
         for name, layer in layers.items():
-            out_features, in_features = _out_in(layer)
-            pattern.check_shape(name, (out_features, in_features))
+            pattern.check_shape(name, tuple(out_in_layout(effective_weight(layer), layer).shape))
 
     def _targets(self) -> dict[str, nn.Module]:
         return masked_layers(self.model) or find_target_layers(self.model, self.args.pilot_config())
-
-    @staticmethod
-    def _effective(layer: nn.Module) -> torch.Tensor:
-        return layer.merged_weight() if isinstance(layer, MaskedLinear) else layer.weight
 
     def _regularized_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         if self.args.method == "dense":
@@ -122,7 +118,7 @@ class PILoTTrainer(Trainer):
         if self.args.sparsity is None:
             return 0.5
         targets = self._targets()
-        scores = {n: _layout(self._effective(m).abs().float(), m) for n, m in targets.items()}
+        scores = {n: out_in_layout(effective_weight(m).abs().float(), m) for n, m in targets.items()}
         keep = keep_masks(scores, self.args.sparsity, self.args.sparsity_pattern)
         kept = sum(float((scores[n] * keep[n]).sum()) for n in scores)
         return kept / max(self.l1_init, 1e-30)
@@ -254,7 +250,7 @@ class PILoTTrainer(Trainer):
 
     @torch.no_grad()
     def _l1_ratio(self) -> float:
-        l1 = sum(self._effective(m).abs().float().sum() for m in self._targets().values())
+        l1 = sum(effective_weight(m).abs().float().sum() for m in self._targets().values())
         if self.is_fsdp_enabled:  # parameters are sharded: add up the shards
             l1 = self.accelerator.reduce(l1.reshape(1), reduction="sum")
         return float(l1) / max(self.l1_init, 1e-30)
@@ -283,7 +279,7 @@ class PILoTTrainer(Trainer):
             diff = sum(float((m.mask.float() ** 2 - m.weight.float() ** 2).sum()) for m in targets.values())
             numel = sum(m.weight.numel() for m in targets.values())
             out["balance"] = diff / numel / (self.args.beta if self.args.init == "pilot" else 1.0)
-        effective = {n: _layout(self._effective(m).float(), m) for n, m in targets.items()}
+        effective = {n: out_in_layout(effective_weight(m).float(), m) for n, m in targets.items()}
         zeros = sum(int((x == 0).sum()) for x in effective.values())
         out["sparsity"] = zeros / sum(x.numel() for x in effective.values())
         if self.args.sparsity is not None:
@@ -409,19 +405,6 @@ class _PILoTCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer._save_pilot_state()
-
-
-def _out_in(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, MaskedLinear):
-        return layer.out_features, layer.in_features
-    out_features, in_features = layer.weight.shape
-    return (in_features, out_features) if getattr(layer, "nf", None) is not None else (out_features, in_features)
-
-
-def _layout(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """(out, in) view of a weight-shaped tensor (Conv1D stores (in, out))."""
-    transposed = layer.transposed if isinstance(layer, MaskedLinear) else getattr(layer, "nf", None) is not None
-    return t.t() if transposed else t
 
 
 def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], lr: float) -> None:

@@ -148,10 +148,9 @@ def _prune(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None,
            pattern: str | SparsityPattern) -> dict[str, torch.Tensor]:
     """Keep-masks from `scores` (default |effective weight|, (out, in) layout), applied in place.
     Every check runs before the first layer is touched."""
-    transposed = {n: m.transposed if isinstance(m, MaskedLinear) else isinstance(m, Conv1D)
-                  for n, m in layers.items()}
+    transposed = {n: is_transposed(m) for n, m in layers.items()}
     if scores is None:
-        scores = {n: _layout(_effective_weight(m).abs(), transposed[n]) for n, m in layers.items()}
+        scores = {n: _layout(effective_weight(m).abs(), transposed[n]) for n, m in layers.items()}
     else:
         _check_scores(scores, layers, transposed)
         scores = {n: scores[n] for n in layers}  # module order: 'global' breaks ties by it
@@ -170,7 +169,17 @@ def _prune(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None,
     return result
 
 
-def _effective_weight(layer: nn.Module) -> torch.Tensor:
+def is_transposed(layer: nn.Module) -> bool:
+    """Whether the layer stores its weight as (in, out), like GPT-2's Conv1D (wrapped or not)."""
+    return layer.transposed if isinstance(layer, MaskedLinear) else isinstance(layer, Conv1D)
+
+
+def out_in_layout(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """(out, in) view of a tensor shaped like `layer`'s weight."""
+    return _layout(t, is_transposed(layer))
+
+
+def effective_weight(layer: nn.Module) -> torch.Tensor:
     return layer.merged_weight() if isinstance(layer, MaskedLinear) else layer.weight
 
 
@@ -180,7 +189,7 @@ def _check_scores(scores: dict[str, torch.Tensor], layers: dict[str, nn.Module],
         raise ValueError(f"scores must have exactly one entry per target layer; missing {missing}, "
                          f"not a target {extra}.")
     for name, layer in layers.items():
-        shape = tuple(_layout(_effective_weight(layer), transposed[name]).shape)
+        shape = tuple(_layout(effective_weight(layer), transposed[name]).shape)
         if tuple(scores[name].shape) != shape:
             raise ValueError(f"scores[{name!r}] has shape {tuple(scores[name].shape)}; it must be {shape} "
                              "(out_features, in_features), also for Conv1D layers.")
