@@ -46,6 +46,8 @@ class SweepArguments:
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of weights."})
     mask_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of masks."})
+    weight_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the target layers' weights (default: learning_rate)."})
     alpha_init: float = field(default=1e-4, metadata={"help": "Initial α of the regularized methods."})
     alpha_update_interval: int = field(default=4, metadata={"help": "Steps per controller decision."})
     recovery_steps: int = field(default=10, metadata={"help": "Final steps with the pruning pattern frozen."})
@@ -86,7 +88,8 @@ def _train(model, tokenizer, method: str, sparsity: float, pattern: str, args: S
             output_dir=tmp, method=trainer_method, sparsity=None if ":" in pattern else sparsity,
             sparsity_pattern=pattern, max_steps=args.max_steps,
             per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
-            mask_learning_rate=args.mask_learning_rate, alpha_init=args.alpha_init,
+            mask_learning_rate=args.mask_learning_rate, weight_learning_rate=args.weight_learning_rate,
+            alpha_init=args.alpha_init,
             alpha_update_interval=args.alpha_update_interval, recovery_steps=args.recovery_steps, beta=args.beta,
             lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(args.max_steps // 10, 1),
             save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, dataloader_pin_memory=False,
@@ -187,9 +190,9 @@ def plot(results: list[dict], texts: list[str], path: Path) -> None:
             cells = [r for r in results if r["method"] == method]
             line = sorted((float(r["actual_sparsity"]), r["perplexity"][text]) for r in cells
                           if r["pattern"] == "unstructured")
-            color = f"C{i % 10}"
+            color, marker = plt.cm.tab20(i % 20), "o^vDPX"[i // 20 % 6]  # distinct up to 120 methods
             if line:
-                ax.plot(*zip(*line), marker="o", color=color, label=method)
+                ax.plot(*zip(*line), marker=marker, color=color, label=method)
             for r in cells:
                 if r["pattern"] not in ("unstructured",):
                     ax.scatter([r["actual_sparsity"]], [r["perplexity"][text]], marker="s", color=color,

@@ -138,6 +138,9 @@ class PILoTTrainer(Trainer):
         inner = getattr(optimizer, "optimizer", optimizer)
         if created and self.masks and self.args.mask_learning_rate is not None:
             _move_to_own_group(inner, {i for i, n in names.items() if n in self.masks}, self.args.mask_learning_rate)
+        if created and self.args.weight_learning_rate is not None:
+            weights = {f"{n}.weight" for n in self._targets()}
+            _move_to_own_group(inner, {i for i, n in names.items() if n in weights}, self.args.weight_learning_rate)
         if not getattr(inner, "_pilot_hooks", False):
             inner.register_step_pre_hook(self._regularize)
             inner.register_step_post_hook(self._apply_frozen_pattern)
@@ -201,9 +204,14 @@ class PILoTTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        data_loss = loss.float() - getattr(self, "_penalty", 0.0)  # the controller judges the data loss only
-        self._interval_loss = data_loss if self._interval_loss is None else self._interval_loss + data_loss
+        if self._controller_judges_loss:
+            data_loss = loss.float() - getattr(self, "_penalty", 0.0)  # the controller judges the data loss only
+            self._interval_loss = data_loss if self._interval_loss is None else self._interval_loss + data_loss
         return loss
+
+    @property
+    def _controller_judges_loss(self) -> bool:
+        return self.controller is not None and self.controller.schedule == "pilot" and not self.pruned
 
     @property
     def sparsify_steps(self) -> int:
@@ -225,9 +233,10 @@ class PILoTTrainer(Trainer):
 
     def _on_step_end(self) -> None:
         step = self.state.global_step
-        self._interval_steps += 1
         if self.pruned:
             return
+        if self._controller_judges_loss:
+            self._interval_steps += 1
         if self.controller.schedule != "pilot":
             self.controller.step_end(step)
         elif step % self.controller.interval == 0:
@@ -408,12 +417,12 @@ class _PILoTCallback(TrainerCallback):
 
 
 def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], lr: float) -> None:
-    """Move the parameters `ids` into a new group with learning rate `lr` (before any state exists)."""
-    moved = []
-    for group in optimizer.param_groups:
-        keep = [p for p in group["params"] if id(p) not in ids]
-        moved += [p for p in group["params"] if id(p) in ids]
-        group["params"] = keep
-    if moved:
-        optimizer.add_param_group({"params": moved, "lr": lr, "weight_decay": 0.0})
+    """Move the parameters `ids` to learning rate `lr` (before any state exists), keeping each one's weight
+    decay: one new group per group they come from."""
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in ids]
+        if moved:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k not in ("params", "initial_lr")}, "params": moved,
+                                         "lr": lr})
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]

@@ -82,6 +82,12 @@ class PILoTTrainingArguments(TrainingArguments):
                   "are ~0.1, see METHOD.md section 8). Default 1e-3: with Adam, 3e-2 moved every mask by ~3% per "
                   "step and wrecked SmolLM2 (docs/BENCHMARKS.md). None: same as learning_rate."},
     )
+    weight_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the target layers' weights (w in m⊙w; the plain weights for l1/dense), in "
+                  "their own group. None: same as learning_rate. Lets the sparsified layers move faster than "
+                  "embeddings and norms."},
+    )
     recovery_steps: int = field(
         default=0,
         metadata={"help": "The last N optimizer steps fine-tune with the pruning pattern frozen (regularization "

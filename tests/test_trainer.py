@@ -71,6 +71,27 @@ def test_regularization_gradient_is_exactly_2_alpha_p(tmp_path):
             assert g["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("method", ["pilot", "l1", "dense"])
+def test_target_weights_get_their_own_learning_rate_and_keep_their_decay(tmp_path, method):
+    trainer = make_trainer(tmp_path, method=method, learning_rate=1e-4, mask_learning_rate=2e-3,
+                           weight_learning_rate=3e-3, weight_decay=0.01)
+    optimizer = trainer.create_optimizer()
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    targets = trainer._targets()
+    assert len(lr_of) == sum(p.requires_grad for p in trainer.model.parameters())  # nothing lost or doubled
+    for name, p in trainer.model.named_parameters():
+        layer, _, kind = name.rpartition(".")
+        if layer in targets and kind == "mask":
+            assert lr_of[id(p)] == 2e-3, name
+        elif layer in targets and kind == "weight":
+            assert lr_of[id(p)] == 3e-3, name
+            # α replaces weight decay on regularized weights; plain fine-tuning keeps the ordinary decay
+            assert decay_of[id(p)] == (0.01 if method == "dense" else 0.0), name
+        else:
+            assert lr_of[id(p)] == 1e-4, name
+
+
 def test_balance_decays_as_predicted_under_constant_alpha_and_sgd(tmp_path):
     """METHOD.md §4: with coupled decay, m² − w² shrinks by (1 − 2ηα)² − η²g² per SGD step, ≈ exp(−4ηαt)."""
     lr, alpha, steps = 0.05, 0.1, 20

@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..config import PILoTConfig
 from ..pruning import SparsityPattern
-from ..wrapping import find_target_layers, is_wrapped, magnitude_prune, sparsity_report
+from ..wrapping import find_target_layers, is_wrapped, magnitude_prune, out_in_layout, sparsity_report
 from .calibration import sequential_blocks
 from .magnitude import MagnitudeConfig
 from .owl import OWLConfig, owl_block_sparsities
@@ -58,11 +57,6 @@ def resolve_method(method: str | MethodConfig) -> MethodConfig:
                      f"({', '.join(c.__name__ for c in METHODS.values())}).")
 
 
-def _out_in(weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    # GPT-2's Conv1D stores its weight as (in_features, out_features).
-    return weight.t() if isinstance(layer, Conv1D) else weight
-
-
 @torch.no_grad()
 def oneshot_prune(model: nn.Module, calibration_ids: torch.Tensor | None = None,
                   method: str | MethodConfig = "sparsegpt", sparsity: float | None = None,
@@ -105,7 +99,7 @@ def oneshot_prune(model: nn.Module, calibration_ids: torch.Tensor | None = None,
                          "(num_samples, seqlen), e.g. 32-128 samples of 256-2048 tokens of text like the target use.")
     targets = find_target_layers(model, config)
     for name, layer in targets.items():
-        pattern.check_shape(name, tuple(_out_in(layer.weight, layer).shape))
+        pattern.check_shape(name, tuple(out_in_layout(layer.weight, layer).shape))
 
     was_training = model.training
     model.eval()
@@ -135,10 +129,10 @@ def oneshot_prune(model: nn.Module, calibration_ids: torch.Tensor | None = None,
 
 
 def _apply(method, layer: nn.Module, stat, sparsity: float, pattern: SparsityPattern) -> torch.Tensor:
-    weight = _out_in(layer.weight, layer)
+    weight = out_in_layout(layer.weight, layer)
     new_weight, keep = method.prune_weight(weight, stat, sparsity, pattern)
-    layer.weight.copy_(_out_in(new_weight, layer))
-    return _out_in(keep, layer)
+    layer.weight.copy_(out_in_layout(new_weight, layer))
+    return out_in_layout(keep, layer)
 
 
 def _prune_without_calibration(method, model, targets, sparsity, pattern, block_sparsity):
