@@ -64,6 +64,45 @@ class SweepArguments:
             parse_cell_sparsity(spec)
 
 
+# What a cell's numbers depend on besides its method and sparsity; a resumed sweep must not mix settings.
+_CALIBRATION_FIELDS = ("train_dataset", "block_size", "num_calibration_samples", "seed")
+_TRAINING_FIELDS = _CALIBRATION_FIELDS + ("max_steps", "per_device_train_batch_size", "learning_rate",
+                                          "mask_learning_rate", "weight_learning_rate", "alpha_init",
+                                          "alpha_update_interval", "recovery_steps", "beta")
+
+
+def cell_settings(method: str, model_args: ModelArguments, eval_args: EvalArguments, args: SweepArguments) -> dict:
+    """The settings a cell of `method` was computed with (stored with the cell, compared on resume)."""
+    import yaml
+
+    trained = method in TRAINED_METHODS or method in WARM_STARTS
+    calibrated = method.split("+")[-1] in ("wanda", "sparsegpt")
+    fields = _TRAINING_FIELDS if trained else _CALIBRATION_FIELDS if calibrated else ()
+    settings = {"model": asdict(model_args), "eval": {k: v for k, v in asdict(eval_args).items()
+                                                      if k not in ("eval_batch_size", "skip_dense_eval")}}
+    settings.update({f: getattr(args, f) for f in fields})
+    if trained and args.extra_training_args:  # the file's content, not its path
+        settings["extra_training_args"] = yaml.safe_load(Path(args.extra_training_args).read_text())
+    return json.loads(json.dumps(settings))  # as it will read back from results.json
+
+
+def _check_resumable(results: list[dict], cells: list[tuple[str, str]], current: dict[str, dict], path: Path) -> None:
+    for r in results:
+        if (r["method"], r["sparsity"]) not in cells:
+            continue
+        if "settings" not in r:
+            logger.warning("sweep: %s at %s in %s has no recorded settings (older sweep); reusing it as is.",
+                           r["method"], r["sparsity"], path)
+            continue
+        old, new = r["settings"], current[r["method"]]
+        if old != new:
+            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise UserError(
+                f"{path} holds {r['method']} at {r['sparsity']} computed with other settings ({', '.join(diff)}: "
+                f"{[old.get(k) for k in diff]} then, {[new.get(k) for k in diff]} now). Use another --output_dir, "
+                "or remove that cell from results.json to recompute it.")
+
+
 def parse_cell_sparsity(spec: str) -> tuple[float, str]:
     """'0.5' -> (0.5, 'unstructured'); '2:4' -> (0.5, '2:4')."""
     try:
@@ -139,6 +178,8 @@ def sweep(model_args: ModelArguments, eval_args: EvalArguments, args: SweepArgum
     done = {(r["method"], r["sparsity"]) for r in results}
     cells = [("dense", "0")] if "dense" in args.methods else []
     cells += [(m, s) for m in args.methods if m != "dense" for s in args.sparsities]
+    settings = {m: cell_settings(m, model_args, eval_args, args) for m in args.methods}
+    _check_resumable(results, cells, settings, results_path)
     todo = [c for c in cells if c not in done]
     logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
     if todo:
@@ -152,7 +193,8 @@ def sweep(model_args: ModelArguments, eval_args: EvalArguments, args: SweepArgum
                                                        validation_split_percentage=0), tokenizer, base)["train"]
         for method, spec in todo:
             logger.info("sweep: %s at %s", method, spec)
-            results.append(run_cell(base, tokenizer, method, spec, args, eval_args, calibration, blocks))
+            cell = run_cell(base, tokenizer, method, spec, args, eval_args, calibration, blocks)
+            results.append({**cell, "settings": settings[method]})
             tmp = results_path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(results, indent=1))
             os.replace(tmp, results_path)  # a finished cell is never lost, never recomputed

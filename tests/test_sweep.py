@@ -37,6 +37,18 @@ def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: 
     S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot", "sparsegpt"]))
     assert sorted(calls) == [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4")]
 
+    # Resuming with another training budget must not mix settings: trained cells refuse, nothing is written...
+    model, ev, sw = args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot"])
+    sw.learning_rate = 1e-3
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(S.UserError, match=r"pilot at 0.5 computed with other settings \(learning_rate"):
+        S.sweep(model, ev, sw)
+    assert (out / "results.json").read_bytes() == before
+    # ... while cells that do not depend on it are reused as they are.
+    calls.clear()
+    S.sweep(model, ev, S.SweepArguments(**{**sw.__dict__, "methods": ["dense", "magnitude", "wanda"]}))
+    assert calls == []
+
 
 def test_bad_sweep_arguments():
     with pytest.raises(ValueError, match="unknown method"):
