@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .optim import TensorwiseAdamW
 from .pruning import SparsityPattern, keep_masks
 from .regularization import AlphaController
 from .training_args import PILoTTrainingArguments
@@ -137,15 +138,26 @@ class PILoTTrainer(Trainer):
         self._regularized_ids = {i for i, n in names.items() if n in self.regularized}
         inner = getattr(optimizer, "optimizer", optimizer)
         if created and self.masks and self.args.mask_learning_rate is not None:
-            _move_to_own_group(inner, {i for i, n in names.items() if n in self.masks}, self.args.mask_learning_rate)
+            _move_to_own_group(inner, {i for i, n in names.items() if n in self.masks}, lr=self.args.mask_learning_rate)
         if created and self.args.weight_learning_rate is not None:
             weights = {f"{n}.weight" for n in self._targets()}
-            _move_to_own_group(inner, {i for i, n in names.items() if n in weights}, self.args.weight_learning_rate)
+            _move_to_own_group(inner, {i for i, n in names.items() if n in weights}, lr=self.args.weight_learning_rate)
+        if created and self.args.tensorwise_second_moment:
+            _move_to_own_group(inner, self._regularized_ids or {i for i, n in names.items() if n in
+                                                                 {f"{t}.weight" for t in self._targets()}},
+                               tensorwise=True)
         if not getattr(inner, "_pilot_hooks", False):
             inner.register_step_pre_hook(self._regularize)
             inner.register_step_post_hook(self._apply_frozen_pattern)
             inner._pilot_hooks = True
         return optimizer
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if getattr(args, "tensorwise_second_moment", False):  # same AdamW, one second moment per target tensor
+            cls, kwargs = TensorwiseAdamW, {k: kwargs[k] for k in ("lr", "betas", "eps") if k in kwargs}
+        return cls, kwargs
 
     @property
     def alpha(self) -> float:
@@ -416,13 +428,13 @@ class _PILoTCallback(TrainerCallback):
         self.trainer._save_pilot_state()
 
 
-def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], lr: float) -> None:
-    """Move the parameters `ids` to learning rate `lr` (before any state exists), keeping each one's weight
-    decay: one new group per group they come from."""
+def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], **settings) -> None:
+    """Move the parameters `ids` to new groups with `settings` (e.g. lr), before any optimizer state exists,
+    keeping everything else (weight decay, ...): one new group per group they come from."""
     for group in list(optimizer.param_groups):
         moved = [p for p in group["params"] if id(p) in ids]
         if moved:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k not in ("params", "initial_lr")}, "params": moved,
-                                         "lr": lr})
+            kept = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            optimizer.add_param_group({**kept, **settings, "params": moved})
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]

@@ -19,6 +19,7 @@ _METHOD_DEFAULTS = {
     "dense": {"alpha_schedule": "none", "init": None},  # plain fine-tuning, then magnitude pruning
 }
 REGULARIZATIONS = ("coupled", "decoupled")
+TENSORWISE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the optimizers TensorwiseAdamW stands in for
 DEFAULT_SPARSITY = 0.5
 
 # The settings that define a PILoT run: resuming a checkpoint made with other values is refused.
@@ -88,6 +89,12 @@ class PILoTTrainingArguments(TrainingArguments):
                   "their own group. None: same as learning_rate. Lets the sparsified layers move faster than "
                   "embeddings and norms."},
     )
+    tensorwise_second_moment: bool = field(
+        default=False,
+        metadata={"help": "Masks and target weights keep one Adam second moment per tensor instead of per entry, "
+                  "so updates inside a tensor stay proportional to gradients, as in the gradient flow PILoT's "
+                  "theory assumes (pilot_hf.optim.TensorwiseAdamW). Needs optim='adamw_torch'."},
+    )
     recovery_steps: int = field(
         default=0,
         metadata={"help": "The last N optimizer steps fine-tune with the pruning pattern frozen (regularization "
@@ -118,6 +125,9 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError(f"alpha_schedule={self.alpha_schedule!r}; use one of {SCHEDULES}.")
         if self.method == "dense" and self.alpha_schedule != "none":
             raise ValueError("method='dense' is plain fine-tuning: leave alpha_schedule unset (or 'none').")
+        if self.tensorwise_second_moment and str(getattr(self.optim, "value", self.optim)) not in TENSORWISE_OPTIMS:
+            raise ValueError(f"tensorwise_second_moment replaces AdamW; it needs optim in {TENSORWISE_OPTIMS}, "
+                             f"got optim={getattr(self.optim, 'value', self.optim)!r}.")
         if self.regularization not in REGULARIZATIONS:
             raise ValueError(f"regularization={self.regularization!r}; use one of {REGULARIZATIONS}.")
 

@@ -92,6 +92,28 @@ def test_target_weights_get_their_own_learning_rate_and_keep_their_decay(tmp_pat
             assert lr_of[id(p)] == 1e-4, name
 
 
+@pytest.mark.parametrize("method", ["pilot", "dense"])
+def test_tensorwise_second_moment_for_target_tensors_only(tmp_path, method):
+    from pilot_hf.optim import TensorwiseAdamW
+
+    trainer = make_trainer(tmp_path, method=method, tensorwise_second_moment=True, max_steps=6, recovery_steps=2,
+                           alpha_update_interval=2)
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, TensorwiseAdamW)
+    targets = set(trainer.sparsity_report["layers"])
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            scalar = optimizer.state[p]["exp_avg_sq"].dim() == 0
+            assert scalar == group["tensorwise"]
+    tensorwise = sum(len(g["params"]) for g in optimizer.param_groups if g["tensorwise"])
+    assert tensorwise == len(targets) * (2 if method == "pilot" else 1)  # mask and weight, or the plain weight
+    for name, layer in trainer.sparsity_report["layers"].items():
+        assert layer["zeros"] == round(0.5 * layer["numel"]), name
+    with pytest.raises(ValueError, match="tensorwise_second_moment replaces AdamW"):
+        make_args(tmp_path, tensorwise_second_moment=True, optim="sgd")
+
+
 def test_balance_decays_as_predicted_under_constant_alpha_and_sgd(tmp_path):
     """METHOD.md §4: with coupled decay, m² − w² shrinks by (1 − 2ηα)² − η²g² per SGD step, ≈ exp(−4ηαt)."""
     lr, alpha, steps = 0.05, 0.1, 20
