@@ -5,8 +5,9 @@ learning rate per step whatever its gradient (METHOD.md, section 8). PILoT's imp
 for gradient flow, where a coordinate moves in proportion to its gradient: the L2 term shrinks every
 mask/weight by the same factor and only the data gradient decides which ones hold. With one second
 moment per tensor ("tensorwise"), updates inside a tensor stay proportional to the gradients, as in
-gradient flow, while the step size still adapts per tensor (a per-layer time rescaling). It also stores
-one number instead of a tensor for the second moment of every mask and weight.
+gradient flow, while the step size still adapts per tensor (a per-layer time rescaling); no coordinate
+moves by more than the learning rate per step, as with Adam. It also stores one number instead of a
+tensor for the second moment of every mask and weight.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 class TensorwiseAdamW(torch.optim.Optimizer):
     """`torch.optim.AdamW` (decoupled weight decay, bias correction) where a parameter group with
     `tensorwise=True` keeps one second-moment scalar per tensor: the running mean of `grad²` over the
-    tensor. Groups with `tensorwise=False` (the default) are plain AdamW, entry by entry.
+    tensor, and clamps each coordinate's normalized update to [-1, 1] (at most lr per step). Groups with `tensorwise=False` (the default) are plain AdamW, entry by entry.
 
     Under FSDP a "tensor" is the local shard: the scalar is the shard's own mean.
     """
@@ -55,6 +56,11 @@ class TensorwiseAdamW(torch.optim.Optimizer):
                 square = grad.square().mean() if state["exp_avg_sq"].dim() == 0 else grad.square()
                 state["exp_avg_sq"].mul_(beta2).add_(square, alpha=1 - beta2)
                 denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-                update = state["exp_avg"] / denom
-                p.add_(update.to(p.dtype), alpha=-group["lr"] / (1 - beta1 ** step))
+                update = state["exp_avg"].div(denom).div_(1 - beta1 ** step)
+                if group["tensorwise"]:
+                    # Gradients are heavy-tailed: divided by the tensor's RMS, an outlier coordinate would move
+                    # by ~100x lr (that wrecked SmolLM2 in 4 steps). Cap it at lr, Adam's own typical bound;
+                    # every coordinate below the cap keeps an update proportional to its gradient.
+                    update.clamp_(-1.0, 1.0)
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
