@@ -17,8 +17,9 @@ import torch
 
 class TensorwiseAdamW(torch.optim.Optimizer):
     """`torch.optim.AdamW` (decoupled weight decay, bias correction) where a parameter group with
-    `tensorwise=True` keeps one second-moment scalar per tensor: the running mean of `grad²` over the
-    tensor, and clamps each coordinate's normalized update to [-1, 1] (at most lr per step). Groups with `tensorwise=False` (the default) are plain AdamW, entry by entry.
+    `tensorwise=True` keeps one second-moment scalar per tensor (the running mean of `grad²` over the
+    tensor) and clamps each coordinate's normalized update to [-1, 1], i.e. at most lr per step.
+    Groups with `tensorwise=False` (the default) are plain AdamW, entry by entry.
 
     Under FSDP a "tensor" is the local shard: the scalar is the shard's own mean.
     """
