@@ -3,6 +3,7 @@ mask/weight identities, dtypes, biases, gradients and trainable-parameter bookke
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ARCHITECTURES, tiny_inputs, tiny_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -202,3 +203,135 @@ def test_frozen_model_only_masks_and_weights_become_trainable(arch):
     # Unwrapping restores the frozen state of the merged weights.
     merge_and_unload(model)
     assert _trainable(model) == set()
+
+
+# ----- the memory-saving autograd function (_MaskedLinearFn) vs plain autograd --------------------------------
+
+
+def _plain_forward(layer, x):
+    """The plain-autograd formulation the custom function replaces (it keeps mask ⊙ weight for backward)."""
+    W = (layer.mask * layer.weight).to(layer.weight.dtype)
+    return F.linear(x, W.t() if layer.transposed else W, layer.bias)
+
+
+def _masked(kind, bias=True, in_features=12, out_features=8, mask_dtype=None):
+    layer = MaskedLinear(_linear(kind, in_features, out_features, bias=bias), beta=1.0, mask_dtype=mask_dtype)
+    if kind == "conv1d" and not bias:
+        layer.bias = None
+    with torch.no_grad():  # a trained-like state: mask and weight no longer tied by the initialization
+        layer.mask.mul_(1 + 0.3 * torch.randn_like(layer.mask))
+    return layer
+
+
+def _grads(layer, x, forward, autocast=False):
+    for t in (x, *layer.parameters()):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = forward(layer, x)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))  # a non-uniform upstream gradient
+    (y.float() * probe).sum().backward()
+    return y.detach(), {n: t.grad for n, t in (("input", x), ("mask", layer.mask), ("weight", layer.weight),
+                                                ("bias", layer.bias)) if t is not None}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12)])
+@pytest.mark.parametrize("frozen", [(), ("input",), ("weight",), ("mask", "weight"), ("input", "mask", "bias")])
+def test_recomputing_function_matches_plain_autograd(kind, bias, shape, frozen):
+    layer = _masked(kind, bias)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    x.requires_grad_("input" not in frozen)
+    for name in ("mask", "weight", "bias"):
+        if name in frozen and getattr(layer, name) is not None:
+            getattr(layer, name).requires_grad_(False)
+    y, grads = _grads(layer, x, MaskedLinear.forward)
+    assert type(layer(x).grad_fn).__name__ == "_MaskedLinearFnBackward"  # the recomputing path is taken
+    y_ref, grads_ref = _grads(layer, x, _plain_forward)
+    assert torch.equal(y, y_ref)  # bit-identical outputs
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        if g is None or grads_ref[name] is None:
+            assert g is None and grads_ref[name] is None, name
+            continue
+        assert g.dtype == grads_ref[name].dtype and g.shape == grads_ref[name].shape, name
+        assert torch.allclose(g, grads_ref[name], rtol=1e-5, atol=1e-6), name
+    with torch.no_grad():  # no graph: the plain path, same output
+        assert torch.equal(layer(x), y_ref)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mask_dtype", [None, "bfloat16"])
+def test_recomputing_function_under_bf16_autocast(kind, mask_dtype):
+    """CPU bf16 autocast (the same code path as CUDA bf16/fp16): the backward matmuls run in the dtype the
+    forward used, and every gradient comes back in its tensor's dtype."""
+    layer = _masked(kind, in_features=48, out_features=32, mask_dtype=getattr(torch, mask_dtype or "float32"))
+    x = torch.randn(4, 6, 48, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    y, grads = _grads(layer, x, MaskedLinear.forward, autocast=True)
+    y_ref, grads_ref = _grads(layer, x, _plain_forward, autocast=True)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    for name, g in grads.items():
+        ref = grads_ref[name]
+        assert g.dtype == ref.dtype == (x if name == "input" else getattr(layer, name)).dtype, name
+        assert (g.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max(), name  # bf16 rounding
+
+
+def _saved_tensors(layer, x, autocast=False):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(x).sum().backward()
+    params = {p.data_ptr() for p in layer.parameters()}
+    return [t for t in saved if t.data_ptr() not in params]  # parameters are referenced, not copied
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputing_function_saves_no_weight_sized_tensor(kind, autocast):
+    layer = _masked(kind, in_features=256, out_features=384)
+    x = torch.randn(2, 3, 256, requires_grad=True)  # 1.5k activations vs a 98k-entry weight
+    saved = _saved_tensors(layer, x, autocast)
+    assert sum(t.numel() for t in saved) <= x.numel()  # only the input (or its autocast copy) is kept
+    # The plain formulation keeps the product mask ⊙ weight (or its autocast copy): the check sees it.
+    layer.recompute_product = False
+    saved = _saved_tensors(layer, x, autocast)
+    assert any(t.numel() == layer.weight.numel() for t in saved)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_recomputing_function_with_gradient_checkpointing(arch, reentrant):
+    def grads(checkpointing, recompute):
+        model = tiny_model(arch)
+        wrap_model(model)
+        for layer in masked_layers(model).values():
+            layer.recompute_product = recompute
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": reentrant})
+        x = tiny_inputs()
+        model(x, labels=x).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    got, ref = grads(True, True), grads(False, False)
+    assert got.keys() == ref.keys() and any(n.endswith(".mask") for n in got)
+    for name, g in got.items():
+        assert torch.allclose(g, ref[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_recomputing_function_compiles_in_one_graph(kind):
+    layer = _masked(kind)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y, grads = _grads(layer, x, lambda _, inp: compiled(inp))
+    y_ref, grads_ref = _grads(layer, x, _plain_forward)
+    assert torch.allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_ref[name], rtol=1e-5, atol=1e-6), name
