@@ -5,7 +5,12 @@ Same model, batch, optimizer (AdamW, fp32) and Trainer loop; the only difference
 so the peak resident memory (CPU) or peak allocated memory (CUDA) is its own.
 
     python scripts/bench_step.py                      # Llama configs of growing width
-    python scripts/bench_step.py --model smollm2-135m # the real SmolLM2-135M (slow on CPU)
+    python scripts/bench_step.py --model smollm2      # the real SmolLM2-135M (slow on CPU)
+    python scripts/bench_step.py --plain-autograd     # also PILoT with plain autograd (keeps mask ⊙ weight)
+
+--plain-autograd adds a third run per model with `MaskedLinear.recompute_product = False`: the forward
+before the memory-saving autograd function, whose autograd graph keeps the product mask ⊙ weight of every
+layer from forward to backward.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+
+SMOLLM2 = ("smollm2", "smollm2-135m")  # the real SmolLM2-135M-Instruct (pilot_hf.assets.load_demo_model)
+VARIANTS = {"dense": "dense", "pilot": "PILoT", "pilot-plain": "PILoT plain"}
 
 
 def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -23,12 +32,13 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
 
-    from pilot_hf import PILoTTrainer, PILoTTrainingArguments
+    from pilot_hf import MaskedLinear, PILoTTrainer, PILoTTrainingArguments
     from pilot_hf.assets import load_demo_model
 
     rss_libs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # interpreter + libraries, before the model
     torch.manual_seed(0)
-    if model_spec == "smollm2-135m":
+    MaskedLinear.recompute_product = variant != "pilot-plain"
+    if model_spec in SMOLLM2:
         model, _ = load_demo_model()
     else:
         width = int(model_spec)
@@ -66,31 +76,50 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["256", "512", "768"],
-                        help="Llama widths to build from configs, or 'smollm2-135m'.")
+                        help="Llama widths to build from configs, or 'smollm2' (the real SmolLM2-135M).")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant and print JSON
+    parser.add_argument("--plain-autograd", action="store_true",
+                        help="also run PILoT with plain autograd (the baseline that keeps mask ⊙ weight)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="processes per variant, run interleaved; the table shows medians over them")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one run, JSON out
     a = parser.parse_args()
     if a.variant:
         print(json.dumps(run_variant(a.variant, a.model[0], a.batch, a.seq, a.steps, a.warmup)))
         return
+    variants = ["dense", "pilot"] + (["pilot-plain"] if a.plain_autograd else [])
     print(f"batch {a.batch} x {a.seq} tokens, AdamW fp32, median step over {a.steps} steps after {a.warmup} warm-up")
     print("peak MB = peak resident memory minus the interpreter and libraries (model + optimizer + activations)")
-    print("| model | params | dense step s | PILoT step s | time ratio | dense peak MB | PILoT peak MB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("ratios are against dense; 'plain' = PILoT with plain autograd (keeps mask ⊙ weight for backward)")
+    names = [VARIANTS[v] for v in variants]
+    cols = ([f"{n} step s" for n in names] + [f"{n} time ratio" for n in names[1:]]
+            + [f"{n} peak MB" for n in names] + [f"{n} memory ratio" for n in names[1:]])
+    print("| model | params | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    spreads = []
     for spec in a.model:
-        res = {}
-        for variant in ("dense", "pilot"):
-            cmd = [sys.executable, __file__, "--variant", variant, "--model", spec, "--batch", str(a.batch),
-                   "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            res[variant] = json.loads(out.strip().splitlines()[-1])
-        d, p = res["dense"], res["pilot"]
-        dm, pm = d["peak_rss_mb"] - d["libs_rss_mb"], p["peak_rss_mb"] - p["libs_rss_mb"]
-        print(f"| {spec} | {d['params'] / 1e6:.1f}M | {d['step_s']:.3f} | {p['step_s']:.3f} | "
-              f"{p['step_s'] / d['step_s']:.3f} | {dm:.0f} | {pm:.0f} | {pm / dm:.3f} |", flush=True)
+        res: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(a.repeats):
+            for variant in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate the order
+                cmd = [sys.executable, __file__, "--variant", variant, "--model", spec, "--batch", str(a.batch),
+                       "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                res[variant].append(json.loads(out.strip().splitlines()[-1]))
+        step = {v: statistics.median(r["step_s"] for r in runs) for v, runs in res.items()}
+        peak = {v: statistics.median(r["peak_rss_mb"] - r["libs_rss_mb"] for r in runs) for v, runs in res.items()}
+        spreads.append(f"{spec}: " + ", ".join(
+            f"{v} step s {min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}, "
+            f"peak MB {min(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}-"
+            f"{max(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}" for v, runs in res.items()))
+        cells = ([f"{step[v]:.3f}" for v in variants] + [f"{step[v] / step['dense']:.3f}" for v in variants[1:]]
+                 + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak['dense']:.3f}" for v in variants[1:]])
+        print(f"| {spec} | {res['dense'][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
+    if a.repeats > 1:
+        print(f"\nrange over the {a.repeats} runs of each variant:")
+        print("\n".join(spreads))
 
 
 if __name__ == "__main__":
