@@ -2,7 +2,9 @@
 
     python scripts/example_pilot_trainer.py [--max_steps 40] [--output_dir outputs/example]
 
-Same run as the CLI's, written out: data -> PILoTTrainer -> plain sparse model -> perplexity -> save.
+Same run as the CLI demo's, written out: data -> Wanda (x_init) -> PILoTTrainer -> plain sparse model
+-> perplexity -> save. The warm start is what works on a CPU budget (docs/BENCHMARKS.md); drop the
+`oneshot_prune` line to start PILoT from the dense weights instead.
 """
 
 import argparse
@@ -11,8 +13,9 @@ from transformers import default_data_collator
 
 from pilot_hf import PILoTTrainer, PILoTTrainingArguments
 from pilot_hf.assets import load_demo_model
-from pilot_hf.data import DataArguments, prepare_lm_datasets
+from pilot_hf.data import DataArguments, calibration_samples, prepare_lm_datasets
 from pilot_hf.evaluation import heldout_perplexity
+from pilot_hf.oneshot import oneshot_prune
 
 
 def main() -> None:
@@ -26,10 +29,12 @@ def main() -> None:
                                                validation_split_percentage=0), tokenizer, model)
     dense = heldout_perplexity(model, tokenizer, ["pydoc"], max_tokens=4096, max_length=512)["pydoc"].perplexity
 
+    # x_init = Wanda's 50% model: pruned entries start at weight 0 (mask sqrt(β)) and may regrow.
+    oneshot_prune(model, calibration_samples(tokenizer, "builtin:kjv", 32, 256), method="wanda", sparsity=0.5)
     args = PILoTTrainingArguments(
         output_dir=cli.output_dir, sparsity=0.5, sparsity_pattern="unstructured", method="pilot",
         max_steps=cli.max_steps, recovery_steps=cli.max_steps // 4, per_device_train_batch_size=4,
-        learning_rate=1e-4, mask_learning_rate=3e-2, alpha_init=2e-6, alpha_update_interval=4,
+        learning_rate=1e-4, mask_learning_rate=1e-3, alpha_init=1e-4, alpha_update_interval=4,
         lr_scheduler_type="constant", logging_steps=4, save_strategy="no", report_to="none")
     trainer = PILoTTrainer(model=model, args=args, train_dataset=blocks["train"], processing_class=tokenizer,
                            data_collator=default_data_collator)
