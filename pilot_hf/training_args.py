@@ -26,7 +26,8 @@ DEFAULT_SPARSITY = 0.5
 PILOT_SETTINGS = (
     "sparsity", "sparsity_pattern", "method", "alpha_init", "alpha_schedule", "alpha_final", "alpha_min",
     "alpha_max", "delta", "alpha_update_interval", "l1_ratio_threshold", "loss_tolerance", "regularization",
-    "mask_learning_rate", "recovery_steps", "beta", "init", "target_modules", "target_regex", "exclude_modules",
+    "mask_learning_rate", "weight_learning_rate", "tensorwise_second_moment", "recovery_steps", "beta", "init",
+    "target_modules", "target_regex", "exclude_modules",
 )
 
 
@@ -93,7 +94,8 @@ class PILoTTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Masks and target weights keep one Adam second moment per tensor instead of per entry, "
                   "so updates inside a tensor stay proportional to gradients, as in the gradient flow PILoT's "
-                  "theory assumes (pilot_hf.optim.TensorwiseAdamW). Needs optim='adamw_torch'."},
+                  "theory assumes (pilot_hf.optim.TensorwiseAdamW). Needs optim='adamw_torch'. Experimental: on SmolLM2 it "
+                  "did worse than entrywise AdamW (docs/BENCHMARKS.md section 2)."},
     )
     recovery_steps: int = field(
         default=0,
