@@ -71,13 +71,20 @@ _TRAINING_FIELDS = _CALIBRATION_FIELDS + ("max_steps", "per_device_train_batch_s
                                           "alpha_update_interval", "recovery_steps", "beta")
 
 
+def _is_trained(method: str) -> bool:
+    return method in TRAINED_METHODS or method in WARM_STARTS
+
+
+def _calibrates(method: str) -> bool:
+    return method.split("+")[-1] in ("wanda", "sparsegpt")
+
+
 def cell_settings(method: str, model_args: ModelArguments, eval_args: EvalArguments, args: SweepArguments) -> dict:
     """The settings a cell of `method` was computed with (stored with the cell, compared on resume)."""
     import yaml
 
-    trained = method in TRAINED_METHODS or method in WARM_STARTS
-    calibrated = method.split("+")[-1] in ("wanda", "sparsegpt")
-    fields = _TRAINING_FIELDS if trained else _CALIBRATION_FIELDS if calibrated else ()
+    trained = _is_trained(method)
+    fields = _TRAINING_FIELDS if trained else _CALIBRATION_FIELDS if _calibrates(method) else ()
     settings = {"model": asdict(model_args), "eval": {k: v for k, v in asdict(eval_args).items()
                                                       if k not in ("eval_batch_size", "skip_dense_eval")}}
     settings.update({f: getattr(args, f) for f in fields})
@@ -155,7 +162,7 @@ def run_cell(base_model, tokenizer, method: str, spec: str, args: SweepArguments
         oneshot = method.split("+")[-1]
         oneshot_prune(model, calibration if oneshot != "magnitude" else None, method=oneshot,
                       sparsity=None if ":" in pattern else sparsity, pattern=pattern)
-    if method in TRAINED_METHODS or method in WARM_STARTS:
+    if _is_trained(method):
         extra = _train(model, tokenizer, method, sparsity, pattern, args, blocks)
     elapsed = time.perf_counter() - start
     ppl = evaluate_model(model, tokenizer, eval_args)
@@ -185,10 +192,10 @@ def sweep(model_args: ModelArguments, eval_args: EvalArguments, args: SweepArgum
     if todo:
         base, tokenizer = load_model(model_args)
         calibration = blocks = None
-        if any(m.split("+")[-1] in ("wanda", "sparsegpt") for m, _ in todo):  # methods that calibrate
+        if any(_calibrates(m) for m, _ in todo):
             calibration = calibration_samples(tokenizer, args.train_dataset, args.num_calibration_samples,
                                               args.block_size, seed=args.seed)
-        if any(m in TRAINED_METHODS or m in WARM_STARTS for m, _ in todo):
+        if any(_is_trained(m) for m, _ in todo):
             blocks = prepare_lm_datasets(DataArguments(dataset_name=args.train_dataset, block_size=args.block_size,
                                                        validation_split_percentage=0), tokenizer, base)["train"]
         for method, spec in todo:

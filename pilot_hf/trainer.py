@@ -139,13 +139,12 @@ class PILoTTrainer(Trainer):
         inner = getattr(optimizer, "optimizer", optimizer)
         if created and self.masks and self.args.mask_learning_rate is not None:
             _move_to_own_group(inner, {i for i, n in names.items() if n in self.masks}, lr=self.args.mask_learning_rate)
+        target_weights = {f"{t}.weight" for t in self._targets()}
+        target_weight_ids = {i for i, n in names.items() if n in target_weights}
         if created and self.args.weight_learning_rate is not None:
-            weights = {f"{n}.weight" for n in self._targets()}
-            _move_to_own_group(inner, {i for i, n in names.items() if n in weights}, lr=self.args.weight_learning_rate)
-        if created and self.args.tensorwise_second_moment:
-            _move_to_own_group(inner, self._regularized_ids or {i for i, n in names.items() if n in
-                                                                 {f"{t}.weight" for t in self._targets()}},
-                               tensorwise=True)
+            _move_to_own_group(inner, target_weight_ids, lr=self.args.weight_learning_rate)
+        if created and self.args.tensorwise_second_moment:  # masks and weights; the plain weights for dense
+            _move_to_own_group(inner, self._regularized_ids or target_weight_ids, tensorwise=True)
         if not getattr(inner, "_pilot_hooks", False):
             inner.register_step_pre_hook(self._regularize)
             inner.register_step_post_hook(self._apply_frozen_pattern)
