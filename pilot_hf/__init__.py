@@ -1,19 +1,38 @@
 """pilot-hf: implicit sparsification (PILoT) for Hugging Face causal language models.
 
 Pipeline: wrap (mask ⊙ weight) -> train (time-varying regularization) -> prune + merge -> evaluate -> publish.
+The `pilot-hf` command line (pilot_hf.commands) is a thin layer over these names.
 """
 
 from . import serialization  # noqa: F401  (registers the compressed format with Transformers' from_pretrained)
 from .config import PILoTConfig
 from .data import EVALUATION_TEXTS, DataArguments, calibration_samples, evaluation_tokens, prepare_lm_datasets
-from .evaluation import PerplexityResult, heldout_perplexity, load_perplexity_metric, perplexity
-from .hub import CardInfo, push_to_hub, render_model_card, write_model_card
+from .evaluation import (
+    EvalArguments,
+    PerplexityResult,
+    evaluate_model,
+    heldout_perplexity,
+    load_perplexity_metric,
+    perplexity,
+)
+from .hub import CardInfo, card_info_for_run, push_to_hub, render_model_card, write_model_card
 from .layers import MaskedLinear, pilot_init
-from .oneshot import MagnitudeConfig, OneShotReport, OWLConfig, SparseGPTConfig, WandaConfig, oneshot_prune
-from .pruning import SparsityPattern, keep_mask, keep_masks
+from .loading import ModelArguments, load_model
+from .methods import MethodSpec
+from .oneshot import (
+    MagnitudeConfig,
+    OneShotArguments,
+    OneShotReport,
+    OWLConfig,
+    SparseGPTConfig,
+    WandaConfig,
+    oneshot_prune,
+)
+from .pruning import SparsityPattern, apply_keep_mask, keep_mask, keep_masks
 from .regularization import AlphaController
 from .serialization import compress_checkpoint, load_compressed, save_compressed
-from .trainer import PILoTTrainer
+from .sweep import SweepArguments
+from .trainer import PILoTTrainer, latest_checkpoint
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
     find_target_layers,
@@ -26,10 +45,20 @@ from .wrapping import (
     wrap_model,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EVALUATION_TEXTS",
+    "EvalArguments",
+    "MethodSpec",
+    "ModelArguments",
+    "OneShotArguments",
+    "SweepArguments",
+    "apply_keep_mask",
+    "card_info_for_run",
+    "evaluate_model",
+    "latest_checkpoint",
+    "load_model",
     "AlphaController",
     "CardInfo",
     "DataArguments",

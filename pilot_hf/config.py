@@ -1,4 +1,4 @@
-"""Which layers become `mask ⊙ weight`, and how they start (METHOD.md, sections 1-2)."""
+"""Which layers become `mask ⊙ weight`, and how they start (docs/METHOD.md, sections 1-2)."""
 
 from __future__ import annotations
 

@@ -125,6 +125,14 @@ class DataArguments:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None, got {value}.")
 
+    def check_sources(self) -> None:
+        """Cheap checks that the text can be read, before any model is loaded (ValueError says how to fix)."""
+        if self.builtin_name is not None:
+            check_builtin_available(self.builtin_name)
+        for name in ("train_file", "validation_file"):
+            if getattr(self, name) is not None:
+                check_text_file(getattr(self, name), name)
+
     @property
     def builtin_name(self) -> str | None:
         """The built-in text's short name ('kjv') if dataset_name is 'builtin:kjv', else None."""
@@ -138,6 +146,40 @@ class DataArguments:
 @functools.lru_cache(maxsize=4)
 def _source_text(name: str) -> str:
     return builtin_text(name)
+
+
+def check_builtin_available(name: str) -> None:
+    """ValueError (with the install command) if the built-in text `name` cannot be read here."""
+    name = name.removeprefix(BUILTIN_PREFIX)
+    if name not in TEXT_SOURCES:
+        raise ValueError(f"unknown built-in text {name!r}; choose one of {sorted(TEXT_SOURCES)}.")
+    try:
+        _source_text(name)
+    except (FileNotFoundError, RuntimeError, OSError) as err:
+        raise ValueError(f"the built-in text {name!r} is not available: {err}") from None
+
+
+def check_text_file(path: str, what: str = "data file") -> None:
+    """ValueError unless `path` is an existing, non-empty UTF-8 text file (json/csv/txt) or a parquet file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} {path!r} does not exist; give the path of an existing file.")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} is not a file.")
+    if _file_extension(path) == ".parquet":
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if b"\0" in head:
+        raise ValueError(f"{what} {path!r} is binary (it contains NUL bytes), not text; give a UTF-8 text file.")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if len(head) < (1 << 20) or err.start < len(head) - 4:  # not just a character cut at the read limit
+            raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {err.start}: {err.reason}); convert it, "
+                             "e.g. `iconv -f latin1 -t utf-8`.") from None
+        text = head[:err.start].decode("utf-8")
+    if not text.strip():
+        raise ValueError(f"{what} {path!r} is empty (or only whitespace); give a file with text in it.")
 
 
 def _break_after(text: str, position: int) -> int:
@@ -378,6 +420,23 @@ def calibration_samples(tokenizer, data="builtin:kjv", num_samples: int = 128, s
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:num_samples]
     ids = token_stream(blocks.select(order.tolist()))
     return torch.from_numpy(ids).view(num_samples, seqlen)
+
+
+def calibration_blocks(dataset, num_samples: int, seed: int = 0) -> torch.Tensor:
+    """`num_samples` distinct blocks of a packed training dataset (rows of equal-length `input_ids`), chosen
+    with `seed`, as a (num_samples, block_size) LongTensor: calibration data for a warm start."""
+    if not hasattr(dataset, "__len__"):  # an iterable dataset: its first blocks
+        rows = [row["input_ids"] for _, row in zip(range(num_samples), dataset)]
+    else:
+        if num_samples > len(dataset):
+            raise ValueError(f"num_calibration_samples={num_samples} exceeds the {len(dataset)} training blocks; "
+                             "lower it or give more training text.")
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples]
+        rows = [dataset[int(i)]["input_ids"] for i in order]
+    if len(rows) < num_samples or len({len(r) for r in rows}) != 1:
+        raise ValueError(f"calibration needs {num_samples} training blocks of one length (packed data); got "
+                         f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}.")
+    return torch.as_tensor(rows, dtype=torch.long)
 
 
 def evaluation_tokens(name: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:

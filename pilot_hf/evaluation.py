@@ -18,7 +18,7 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import EVALUATION_TEXTS, encode_documents, encode_text, evaluation_tokens, token_stream
+from .data import (
+    EVALUATION_TEXTS,
+    check_builtin_available,
+    encode_documents,
+    encode_text,
+    evaluation_tokens,
+    token_stream,
+)
 
 PERPLEXITY_METRIC_PATH = str(Path(__file__).parent / "metrics" / "perplexity")
 DEFAULT_MAX_LENGTH = 2048  # cap of the default window, whatever the model's context
@@ -186,6 +193,48 @@ def heldout_perplexity(model, tokenizer, names: Sequence[str] = EVALUATION_TEXTS
     `max_tokens` cuts each text to its first tokens (faster benchmarks); kwargs go to `perplexity`.
     """
     return {name: perplexity(model, evaluation_tokens(name, tokenizer, max_tokens), **kwargs) for name in names}
+
+
+@dataclass
+class EvalArguments:
+    """Held-out perplexity, before and after compression."""
+
+    eval_texts: list[str] = field(default_factory=lambda: ["kjv", "pydoc"], metadata={
+        "help": f"Built-in held-out texts to evaluate on ({', '.join(EVALUATION_TEXTS)}); never trained on."})
+    eval_max_tokens: int | None = field(default=8192, metadata={
+        "help": "Evaluate on the first N tokens of each text (None: all of it)."})
+    eval_max_length: int = field(default=512, metadata={"help": "Sliding-window length (tokens)."})
+    eval_stride: int | None = field(default=None, metadata={
+        "help": "Tokens between window starts; default eval_max_length (no overlap)."})
+    eval_batch_size: int = field(default=4, metadata={"help": "Windows per forward pass."})
+    skip_dense_eval: bool = field(default=False, metadata={"help": "Do not evaluate the model before compression."})
+
+    def __post_init__(self):
+        unknown = [t for t in self.eval_texts if t not in EVALUATION_TEXTS]
+        if unknown:
+            raise ValueError(f"eval_texts {unknown} are not built-in held-out texts; choose among {EVALUATION_TEXTS}.")
+        for name in ("eval_max_tokens", "eval_stride"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise ValueError(f"{name}={getattr(self, name)}: give at least 2 tokens (or None).")
+        if self.eval_max_length < 2 or self.eval_batch_size < 1:
+            raise ValueError(f"eval_max_length={self.eval_max_length} must be ≥ 2 and eval_batch_size="
+                             f"{self.eval_batch_size} ≥ 1.")
+        if self.eval_stride is not None and self.eval_stride > self.eval_max_length:
+            raise ValueError(f"eval_stride={self.eval_stride} > eval_max_length={self.eval_max_length} would skip "
+                             "tokens; use a stride ≤ the window length.")
+
+    def check_sources(self) -> None:
+        """Every evaluation text can be read here (checked before any model is loaded)."""
+        for name in self.eval_texts:
+            check_builtin_available(name)
+
+
+def evaluate_model(model, tokenizer, args: EvalArguments) -> dict[str, dict]:
+    """Held-out perplexity on each of `args.eval_texts`, as JSON-ready dicts."""
+    results = heldout_perplexity(model, tokenizer, args.eval_texts, max_tokens=args.eval_max_tokens,
+                                 max_length=args.eval_max_length, stride=args.eval_stride,
+                                 batch_size=args.eval_batch_size)
+    return {name: r.to_dict() for name, r in results.items()}
 
 
 def load_perplexity_metric(**kwargs):

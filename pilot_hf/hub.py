@@ -1,8 +1,7 @@
 """Publish a sparse checkpoint: its model card (README.md) and the push to the Hugging Face Hub.
 
-The card is a Jinja template (`model_cards/pilot_model_card.md.j2`, shipped in the package as
-`pilot_hf/templates/pilot_model_card.md.j2`) rendered by `huggingface_hub.ModelCard.from_template`;
-its YAML metadata is built with `ModelCardData` and `EvalResult`, never by hand. The push goes
+The card is a Jinja template (`pilot_hf/templates/pilot_model_card.md.j2`, a file of the package)
+rendered by `huggingface_hub.ModelCard.from_template`; its YAML metadata is built with `ModelCardData` and `EvalResult`, never by hand. The push goes
 through `HfApi.create_repo` + `HfApi.upload_folder` (one commit). The token comes from where
 huggingface_hub looks (HF_TOKEN, the `hf auth login` cache) and is never written anywhere.
 """
@@ -13,15 +12,15 @@ import contextlib
 import json
 import math
 import re
-import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
+from .methods import DESCRIPTIONS
 from .serialization import (
     CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -48,22 +47,6 @@ KNOWN_LICENSES = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0",
 }
 
-METHODS = {
-    "pilot": ("PILoT (implicit sparsification)",
-              ("Every pruned linear layer was trained as a product `mask ⊙ weight` under PILoT's time-varying "
-               "regularization, which steers the product towards sparse solutions (Jacobs & Burkholz, *Mask in "
-               "the Mirror: Implicit Sparsification*, ICLR 2025). The entries with the smallest |mask ⊙ weight| "
-               "were then set to zero and mask and weight merged back into one ordinary weight.")),
-    "magnitude": ("Magnitude pruning (one-shot)",
-                  "The weights with the smallest absolute values were set to zero, without retraining."),
-    "wanda": ("Wanda (one-shot)",
-              ("Weights were ranked by |weight| x the norm of their input activations on calibration data, "
-               "and the lowest were set to zero, without retraining.")),
-    "sparsegpt": ("SparseGPT (one-shot)",
-                  ("Weights were pruned layer by layer with SparseGPT's second-order reconstruction on "
-                   "calibration data.")),
-}
-
 # Upload everything in the folder except training state and pickles (only safetensors weights go up).
 IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt",
                    ".git/*", ".cache/*"]
@@ -86,7 +69,7 @@ class CardInfo:
 
     base_model: str  # Hub id (or local path) of the dense model that was sparsified
     sparsity_report: dict  # output of pilot_hf.sparsity_report(model): {"layers": {...}, "total": {...}}
-    method: str = "pilot"  # key of METHODS ("pilot", "magnitude", "wanda", "sparsegpt") or free text
+    method: str = "pilot"  # a name of pilot_hf.methods (DESCRIPTIONS) or free text
     hyperparameters: dict = field(default_factory=dict)  # name -> value, shown as a table
     pattern: str | None = None  # "unstructured", "2:4", ...
     results: list[dict] = field(default_factory=list)  # see RESULT_KEYS
@@ -127,13 +110,8 @@ class CardInfo:
 
 
 def model_card_template() -> Path:
-    """The card template: the packaged copy if installed from a wheel, else the repository's model_cards/."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "templates" / TEMPLATE_NAME, package.parent / "model_cards" / TEMPLATE_NAME):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found in {package / 'templates'} or "
-                            f"{package.parent / 'model_cards'}; reinstall pilot-hf or pass template_path.")
+    """The card template shipped inside the package (pilot_hf/templates/)."""
+    return Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
 
 
 def redact(text: str) -> str:
@@ -198,7 +176,7 @@ def render_model_card(info: CardInfo | dict, template_path: str | Path | None = 
             name += f" ({r['dataset_config']})"
         results.append({"dataset": _cell(name), "split": _cell(r.get("split") or "–"),
                         "dense": _fmt_ppl(dense), "sparse": _fmt_ppl(sparse), "change": change})
-    title, description = METHODS.get(info.method.lower(), (info.method, ""))
+    title, description = DESCRIPTIONS.get(info.method.lower(), (info.method, ""))
     from . import __version__
 
     card = ModelCard.from_template(
@@ -221,6 +199,22 @@ def render_model_card(info: CardInfo | dict, template_path: str | Path | None = 
         pilot_hf_version=__version__, citation=CITATION,
     )
     return ModelCard(str(card))  # re-parse: what is written is what the Hub will read
+
+
+def card_info_for_run(settings: dict, sparsity_report: dict, *, base_model: str, results: list[dict] | tuple = (),
+                      **fields_) -> CardInfo:
+    """The card of a run from its run settings record (`PILoTTrainingArguments.run_settings()`, or a one-shot
+    run's settings): the one builder of cards for trained and one-shot runs alike."""
+    method = settings["method"]
+    description = DESCRIPTIONS.get(method, (method, ""))[1]
+    if settings.get("warm_start"):
+        description += (f" Training started from the {settings['warm_start']} one-shot solution at the target "
+                        "sparsity (warm start); pruned weights could regrow.")
+    hyperparameters = {k: v for k, v in settings.items() if v is not None and k != "method"}
+    fields_.setdefault("method_description", description)
+    return CardInfo(base_model=base_model, sparsity_report=sparsity_report, method=method,
+                    hyperparameters=hyperparameters, pattern=settings.get("sparsity_pattern"), results=list(results),
+                    **fields_)
 
 
 def write_model_card(output_dir: str | Path, info: CardInfo | dict, template_path: str | Path | None = None) -> Path:
@@ -362,7 +356,6 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, com
         result = PushResult(repo_id=repo_id, revision=revision, files=upload_plan(upload_dir),
                             compressed=is_compressed(upload_dir), dry_run=dry_run)
         if dry_run:
-            print(result.describe())
             return result
         api = api or HfApi()
         message = commit_message or f"Upload {'compressed ' if result.compressed else ''}sparse model (pilot-hf)"
@@ -383,46 +376,3 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, com
                 f"`{_retry_hint(folder, repo_id, private, compressed, revision)}`.") from err
         result.commit_url = getattr(commit, "commit_url", None) or str(commit)
         return result
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI entry: `pilot-hf push` calls main(argv) (PushArguments parsed by transformers.HfArgumentParser)
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class PushArguments:
-    output_dir: str = field(metadata={"help": "Folder a pilot-hf run (or save_pretrained) wrote."})
-    repo_id: str = field(metadata={"help": "Hub repository, 'namespace/name'."})
-    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
-    compressed: bool = field(default=False, metadata={
-        "help": "Upload the compressed sparse format (built in a temporary folder; output_dir is not changed)."})
-    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if needed)."})
-    dry_run: bool = field(default=False, metadata={"help": "Only list the files and sizes that would be uploaded."})
-    commit_message: str | None = field(default=None, metadata={"help": "Commit message."})
-
-
-def run_push(args: PushArguments, api: HfApi | None = None) -> int:
-    """Run `push_to_hub` for the CLI: prints the result, returns the exit code (errors propagate)."""
-    result = push_to_hub(api=api, **asdict(args))
-    if not result.dry_run:
-        print(result.describe())
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`pilot-hf push OUTPUT_DIR --repo_id NAMESPACE/NAME [--private] [--compressed] [--revision R] [--dry_run]`.
-
-    OUTPUT_DIR may also be given as --output_dir. Bad inputs raise ValueError (the CLI prints those);
-    a failed push prints its PushError (what failed, what to retry) and returns 1.
-    """
-    from transformers import HfArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and not argv[0].startswith("-"):
-        argv = ["--output_dir", argv[0], *argv[1:]]
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
-    try:
-        return run_push(args)
-    except PushError as err:
-        print(f"pilot-hf push: error: {err}", file=sys.stderr)
-        return 1

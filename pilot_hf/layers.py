@@ -1,4 +1,4 @@
-"""The masked layer: a linear layer whose weight is the product `mask ⊙ weight` (METHOD.md, section 1)."""
+"""The masked layer: a linear layer whose weight is the product `mask ⊙ weight` (docs/METHOD.md, section 1)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 
 def pilot_init(W: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve m ⊙ w = W and m² − w² = β elementwise, in fp32 (METHOD.md, section 2).
+    """Solve m ⊙ w = W and m² − w² = β elementwise, in fp32 (docs/METHOD.md, section 2).
 
     m0 = sqrt((β + sqrt(β² + 4W²)) / 2), w0 = W / m0. β = 0 is the balanced spred start
     (m0 = sqrt|W|, w0 = sign(W) sqrt|W|); there W = 0 gives m0 = w0 = 0.

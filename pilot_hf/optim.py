@@ -1,7 +1,7 @@
 """AdamW with an optional second moment per tensor, for masks and target weights.
 
 Adam divides every coordinate's gradient by its own running RMS, so each coordinate moves by about the
-learning rate per step whatever its gradient (METHOD.md, section 8). PILoT's implicit bias is derived
+learning rate per step whatever its gradient (docs/METHOD.md, section 8). PILoT's implicit bias is derived
 for gradient flow, where a coordinate moves in proportion to its gradient: the L2 term shrinks every
 mask/weight by the same factor and only the data gradient decides which ones hold. With one second
 moment per tensor ("tensorwise"), updates inside a tensor stay proportional to the gradients, as in

@@ -1,4 +1,4 @@
-"""Scores -> exact keep-masks: unstructured (per layer), global, per output row, and N:M (METHOD.md, section 6).
+"""Scores -> exact keep-masks: unstructured (per layer), global, per output row, and N:M (docs/METHOD.md, section 6).
 
 Every function here is pure: it takes scores in (out_features, in_features) layout and returns boolean
 keep-masks of the same shape. Ties are broken deterministically: among equal scores, the entry that
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 PATTERNS = ("unstructured", "global", "row")
+DEFAULT_SPARSITY = 0.5  # what "no sparsity given" means for every pattern but N:M, which fixes its own
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,16 @@ class SparsityPattern:
         return f"{self.n}:{self.m}" if self.is_nm else self.kind
 
     def resolve_sparsity(self, sparsity: float | None) -> float:
-        """The sparsity this pattern produces; N:M fixes it to (M - N) / M."""
+        """The sparsity to prune to: N:M fixes it to (M - N) / M (an explicit other value is an error);
+        otherwise `sparsity`, or DEFAULT_SPARSITY when it is None. The one place this rule lives."""
         if self.is_nm:
             implied = (self.m - self.n) / self.m
             if sparsity is not None and abs(sparsity - implied) > 1e-9:
                 raise ValueError(f"pattern {self} always gives sparsity {implied:g}; got sparsity={sparsity}. "
                                  f"Pass sparsity=None (N:M fixes it) or sparsity={implied!r}.")
             return implied
+        if sparsity is None:
+            return DEFAULT_SPARSITY
         check_sparsity(sparsity)
         return float(sparsity)
 
@@ -112,6 +116,15 @@ def _check_scores(score: torch.Tensor, name: str = "this layer") -> None:
         raise ValueError(f"scores of {name} must be 2-D (out_features, in_features), got shape {tuple(score.shape)}.")
     if torch.isnan(score).any():
         raise ValueError(f"scores of {name} contain NaN (diverged weights?); nothing was pruned.")
+
+
+@torch.no_grad()
+def apply_keep_mask(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero `tensor` in place where `keep` is False: the one place pruned entries are written.
+
+    masked_fill, not a multiplication: a pruned negative entry must become +0.0, not -0.0 (compressed
+    checkpoints pay a bit per -0.0 to stay bit-exact)."""
+    return tensor.masked_fill_(~keep, 0.0)
 
 
 def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | None,

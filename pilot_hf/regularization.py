@@ -1,4 +1,4 @@
-"""α_t: fixed schedules and the PILoT controller (METHOD.md, section 5). Pure Python, unit-testable.
+"""α_t: fixed schedules and the PILoT controller (docs/METHOD.md, section 5). Pure Python, unit-testable.
 
 The trainer calls `AlphaController.step_end(step, mean_loss, l1_ratio)` once per optimizer step and
 reads `alpha` for the next step. Only the `pilot` schedule looks at the loss and the L1 ratio.

@@ -11,205 +11,178 @@ import copy
 import csv
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .pipeline import EvalArguments, ModelArguments, UserError, evaluate_model, load_model
+from transformers import default_data_collator
+
+from .data import DataArguments, calibration_blocks, prepare_lm_datasets
+from .evaluation import EvalArguments, evaluate_model
+from .loading import ModelArguments, load_model
+from .methods import ALL_METHODS, DENSE, MethodSpec
 from .pruning import SparsityPattern
+from .runs import FolderLock, OutputError, write_json
+from .training_args import PILoTTrainingArguments
 
 logger = logging.getLogger(__name__)
-ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
-TRAINED_METHODS = ("pilot", "spred", "l1", "dense-ft")  # dense-ft: the trainer's method='dense'
-# A trained method from a one-shot x_init (pruned weights start at 0 and may regrow): 'pilot+wanda', ...;
-# 'dense-ft+wanda' is the control: plain fine-tuning of the one-shot model, then magnitude pruning.
-WARM_STARTS = tuple(f"{t}+{o}" for t in TRAINED_METHODS for o in ONESHOT_METHODS)
-METHODS = ("dense",) + ONESHOT_METHODS + TRAINED_METHODS + WARM_STARTS
 
 
 @dataclass
 class SweepArguments:
-    """The grid, and the training budget shared by every trained method."""
+    """The grid. Every trained cell gets the same PILoTTrainingArguments (the training budget); one-shot cells
+    and warm starts calibrate on num_calibration_samples blocks of the same training data."""
 
     methods: list[str] = field(default_factory=lambda: ["dense", "magnitude", "wanda", "sparsegpt"], metadata={
-        "help": f"Methods: {', '.join(METHODS)}."})
+        "help": f"Methods: {', '.join(ALL_METHODS)} ('<trained>+<one-shot>': a trained method with a warm start)."})
     sparsities: list[str] = field(default_factory=lambda: ["0.5", "0.7", "2:4"], metadata={
         "help": "Sparsities (fractions, unstructured per layer) or N:M patterns."})
-    output_dir: str = field(default="outputs/sweep", metadata={"help": "Where the table and plot go."})
-    train_dataset: str = field(default="builtin:kjv", metadata={
-        "help": "Training and calibration text (a dataset_name); never one of the evaluation texts' held-out parts."})
-    block_size: int = field(default=256, metadata={"help": "Tokens per training / calibration block."})
-    num_calibration_samples: int = field(default=32, metadata={"help": "Calibration blocks for one-shot methods."})
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps of every trained method."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Blocks per step."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of weights."})
-    mask_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of masks."})
-    weight_learning_rate: float | None = field(default=None, metadata={
-        "help": "Learning rate of the target layers' weights (default: learning_rate)."})
-    alpha_init: float = field(default=1e-4, metadata={"help": "Initial α of the regularized methods."})
-    alpha_update_interval: int = field(default=4, metadata={"help": "Steps per controller decision."})
-    recovery_steps: int = field(default=10, metadata={"help": "Final steps with the pruning pattern frozen."})
-    beta: float = field(default=1.0, metadata={"help": "PILoT init scale β."})
-    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and training."})
-    extra_training_args: str | None = field(default=None, metadata={
-        "help": "A YAML file of further PILoTTrainingArguments for the trained methods."})
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"unknown method(s) {bad}; choose among {list(METHODS)}.")
+        self.specs = [MethodSpec.parse(m) for m in self.methods]
         for spec in self.sparsities:
             parse_cell_sparsity(spec)
-
-
-# What a cell's numbers depend on besides its method and sparsity; a resumed sweep must not mix settings.
-_CALIBRATION_FIELDS = ("train_dataset", "block_size", "num_calibration_samples", "seed")
-_TRAINING_FIELDS = _CALIBRATION_FIELDS + ("max_steps", "per_device_train_batch_size", "learning_rate",
-                                          "mask_learning_rate", "weight_learning_rate", "alpha_init",
-                                          "alpha_update_interval", "recovery_steps", "beta")
-
-
-def _is_trained(method: str) -> bool:
-    return method in TRAINED_METHODS or method in WARM_STARTS
-
-
-def _calibrates(method: str) -> bool:
-    return method.split("+")[-1] in ("wanda", "sparsegpt")
-
-
-def cell_settings(method: str, model_args: ModelArguments, eval_args: EvalArguments, args: SweepArguments) -> dict:
-    """The settings a cell of `method` was computed with (stored with the cell, compared on resume)."""
-    import yaml
-
-    trained = _is_trained(method)
-    fields = _TRAINING_FIELDS if trained else _CALIBRATION_FIELDS if _calibrates(method) else ()
-    settings = {"model": asdict(model_args), "eval": {k: v for k, v in asdict(eval_args).items()
-                                                      if k not in ("eval_batch_size", "skip_dense_eval")}}
-    settings.update({f: getattr(args, f) for f in fields})
-    if trained and args.extra_training_args:  # the file's content, not its path
-        settings["extra_training_args"] = yaml.safe_load(Path(args.extra_training_args).read_text())
-    return json.loads(json.dumps(settings))  # as it will read back from results.json
-
-
-def _check_resumable(results: list[dict], cells: list[tuple[str, str]], current: dict[str, dict], path: Path) -> None:
-    for r in results:
-        if (r["method"], r["sparsity"]) not in cells:
-            continue
-        if "settings" not in r:
-            logger.warning("sweep: %s at %s in %s has no recorded settings (older sweep); reusing it as is.",
-                           r["method"], r["sparsity"], path)
-            continue
-        old, new = r["settings"], current[r["method"]]
-        if old != new:
-            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            raise UserError(
-                f"{path} holds {r['method']} at {r['sparsity']} computed with other settings ({', '.join(diff)}: "
-                f"{[old.get(k) for k in diff]} then, {[new.get(k) for k in diff]} now). Use another --output_dir, "
-                "or remove that cell from results.json to recompute it.")
 
 
 def parse_cell_sparsity(spec: str) -> tuple[float, str]:
     """'0.5' -> (0.5, 'unstructured'); '2:4' -> (0.5, '2:4')."""
     try:
-        return float(spec), "unstructured"
-    except ValueError:
-        pattern = SparsityPattern.parse(spec)
-        if not pattern.is_nm:
-            raise ValueError(f"sparsity {spec!r}: give a fraction like 0.5 or an N:M pattern like 2:4.") from None
-        return pattern.resolve_sparsity(None), str(pattern)
+        return SparsityPattern.parse("unstructured").resolve_sparsity(float(spec)), "unstructured"
+    except ValueError as err:
+        if ":" not in str(spec):
+            raise ValueError(f"sparsity {spec!r}: give a fraction like 0.5 or an N:M pattern like 2:4 ({err})") from None
+    pattern = SparsityPattern.parse(spec)
+    if not pattern.is_nm:
+        raise ValueError(f"sparsity {spec!r}: give a fraction like 0.5 or an N:M pattern like 2:4.")
+    return pattern.resolve_sparsity(None), str(pattern)
 
 
-def _train(model, tokenizer, method: str, sparsity: float, pattern: str, args: SweepArguments, blocks) -> dict:
-    import yaml
-
-    from .trainer import PILoTTrainer
-    from .training_args import PILoTTrainingArguments
-
-    extra = yaml.safe_load(Path(args.extra_training_args).read_text()) if args.extra_training_args else {}
-    trainer_method = method.split("+")[0].replace("dense-ft", "dense")
-    with tempfile.TemporaryDirectory(prefix="pilot-sweep-") as tmp:
-        targs = PILoTTrainingArguments(
-            output_dir=tmp, method=trainer_method, sparsity=None if ":" in pattern else sparsity,
-            sparsity_pattern=pattern, max_steps=args.max_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
-            mask_learning_rate=args.mask_learning_rate, weight_learning_rate=args.weight_learning_rate,
-            alpha_init=args.alpha_init,
-            alpha_update_interval=args.alpha_update_interval, recovery_steps=args.recovery_steps, beta=args.beta,
-            lr_scheduler_type="constant", warmup_steps=0, logging_steps=max(args.max_steps // 10, 1),
-            save_strategy="no", report_to=[], seed=args.seed, disable_tqdm=True, dataloader_pin_memory=False,
-            **extra)
-        from transformers import default_data_collator
-
-        trainer = PILoTTrainer(model=model, args=targs, train_dataset=blocks, data_collator=default_data_collator)
-        trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_trained": args.max_steps * args.per_device_train_batch_size * args.block_size,
-            "train_log": logs, "alpha_history": trainer.controller.history if trainer.controller else []}
+def cell_arguments(training_args: PILoTTrainingArguments, spec: MethodSpec, sparsity_spec: str,
+                   output_dir: str) -> PILoTTrainingArguments:
+    """The training arguments of one trained cell: the shared budget, this cell's method and target."""
+    sparsity, pattern = parse_cell_sparsity(sparsity_spec)
+    return training_args.with_method(spec.name, warm_start=spec.warm_start, sparsity=None if ":" in pattern else
+                                     sparsity, sparsity_pattern=pattern, output_dir=output_dir, save_strategy="no",
+                                     report_to=[], disable_tqdm=True, resume_from_checkpoint=None)
 
 
-def run_cell(base_model, tokenizer, method: str, spec: str, args: SweepArguments, eval_args: EvalArguments,
-             calibration, blocks) -> dict:
+def cell_settings(spec: MethodSpec, sparsity_spec: str, model_args: ModelArguments, data_args: DataArguments,
+                  eval_args: EvalArguments, training_args: PILoTTrainingArguments) -> dict:
+    """What a cell's numbers depend on (stored with the cell, compared on resume): the model, the evaluation,
+    and for trained cells the run settings record, for calibrated ones the calibration data."""
+    settings = {"model": asdict(model_args), "eval": {k: v for k, v in asdict(eval_args).items()
+                                                      if k not in ("eval_batch_size", "skip_dense_eval")}}
+    if spec.trained or spec.calibrates:
+        settings["data"] = {k: v for k, v in asdict(data_args).items() if k not in ("preprocessing_num_workers",
+                                                                                     "overwrite_cache")}
+    if spec.trained:
+        settings["training"] = cell_arguments(training_args, spec, sparsity_spec, "unused").run_settings()
+    elif spec.calibrates:
+        settings["calibration"] = {"num_calibration_samples": training_args.num_calibration_samples,
+                                   "seed": training_args.seed}
+    return json.loads(json.dumps(settings))  # as it will read back from results.json
+
+
+def _check_resumable(results: list[dict], current: dict[tuple[str, str], dict], path: Path) -> None:
+    for r in results:
+        cell = (r["method"], r["sparsity"])
+        if cell not in current:
+            continue
+        old, new = r.get("settings"), current[cell]
+        if old is None:
+            logger.warning("sweep: %s at %s in %s has no recorded settings (older sweep); reusing it as is.",
+                           *cell, path)
+        elif old != new:
+            diff = sorted(_differences(old, new))
+            raise OutputError(
+                f"{path} holds {cell[0]} at {cell[1]} computed with other settings ({', '.join(diff)}). Use another "
+                "--output_dir, or remove that cell from results.json to recompute it.")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return out
+
+
+def run_cell(base_model, tokenizer, spec: MethodSpec, sparsity_spec: str, training_args: PILoTTrainingArguments,
+             eval_args: EvalArguments, blocks) -> dict:
     from .oneshot import oneshot_prune
+    from .trainer import PILoTTrainer
     from .wrapping import sparsity_report
 
-    sparsity, pattern = parse_cell_sparsity(spec)
+    sparsity, pattern = (0.0, "unstructured") if spec.name == DENSE else parse_cell_sparsity(sparsity_spec)
     model = copy.deepcopy(base_model)
     start = time.perf_counter()
     extra: dict = {}
-    if method in ONESHOT_METHODS or method in WARM_STARTS:
-        oneshot = method.split("+")[-1]
-        oneshot_prune(model, calibration if oneshot != "magnitude" else None, method=oneshot,
-                      sparsity=None if ":" in pattern else sparsity, pattern=pattern)
-    if _is_trained(method):
-        extra = _train(model, tokenizer, method, sparsity, pattern, args, blocks)
+    if spec.trained:
+        with tempfile.TemporaryDirectory(prefix="pilot-sweep-") as tmp:
+            args = cell_arguments(training_args, spec, sparsity_spec, tmp)
+            trainer = PILoTTrainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
+            trainer.train()
+        model = trainer.model
+        extra = {"tokens_trained": args.max_steps * args.train_batch_size * args.gradient_accumulation_steps
+                 * len(blocks[0]["input_ids"]),
+                 "train_log": [h for h in trainer.state.log_history if "loss" in h],
+                 "alpha_history": trainer.controller.history if trainer.controller else []}
+    elif spec.oneshot:
+        calibration = None
+        if spec.calibrates:
+            calibration = calibration_blocks(blocks, training_args.num_calibration_samples, seed=training_args.seed)
+        oneshot_prune(model, calibration, method=spec.oneshot, sparsity=None if ":" in pattern else sparsity,
+                      pattern=pattern, config=training_args.pilot_config())
     elapsed = time.perf_counter() - start
     ppl = evaluate_model(model, tokenizer, eval_args)
-    actual = sparsity_report(model)["total"]["sparsity"] if method != "dense" else 0.0
-    return {"method": method, "sparsity": spec, "pattern": pattern, "actual_sparsity": actual, "time_s": elapsed,
-            "perplexity": {k: v["perplexity"] for k, v in ppl.items()}, **extra}
+    actual = sparsity_report(model, training_args.pilot_config())["total"]["sparsity"] if spec.name != DENSE else 0.0
+    return {"method": str(spec), "sparsity": sparsity_spec, "pattern": pattern, "actual_sparsity": actual,
+            "time_s": elapsed, "perplexity": {k: v["perplexity"] for k, v in ppl.items()}, **extra}
 
 
-def sweep(model_args: ModelArguments, eval_args: EvalArguments, args: SweepArguments) -> list[dict]:
-    """Run every (method, sparsity) cell not already in `output_dir/results.json`; write the tables and plot."""
-    from .data import DataArguments, calibration_samples, prepare_lm_datasets
+def sweep(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments,
+          training_args: PILoTTrainingArguments, grid: SweepArguments) -> list[dict]:
+    """Run every (method, sparsity) cell not already in `output_dir/results.json`; write the tables and plot.
 
-    out = Path(args.output_dir)
-    try:
+    `training_args.output_dir` is the sweep's folder; every trained cell trains with `training_args`
+    (its method, warm start and target replaced by the cell's) in a temporary folder."""
+    out = Path(training_args.output_dir).expanduser()
+    with FolderLock(out.resolve()):
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {out} ({err.strerror}); choose another --output_dir.") from err
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else []
-    done = {(r["method"], r["sparsity"]) for r in results}
-    cells = [("dense", "0")] if "dense" in args.methods else []
-    cells += [(m, s) for m in args.methods if m != "dense" for s in args.sparsities]
-    settings = {m: cell_settings(m, model_args, eval_args, args) for m in args.methods}
-    _check_resumable(results, cells, settings, results_path)
-    todo = [c for c in cells if c not in done]
-    logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
-    if todo:
-        base, tokenizer = load_model(model_args)
-        calibration = blocks = None
-        if any(_calibrates(m) for m, _ in todo):
-            calibration = calibration_samples(tokenizer, args.train_dataset, args.num_calibration_samples,
-                                              args.block_size, seed=args.seed)
-        if any(_is_trained(m) for m, _ in todo):
-            blocks = prepare_lm_datasets(DataArguments(dataset_name=args.train_dataset, block_size=args.block_size,
-                                                       validation_split_percentage=0), tokenizer, base)["train"]
-        for method, spec in todo:
-            logger.info("sweep: %s at %s", method, spec)
-            cell = run_cell(base, tokenizer, method, spec, args, eval_args, calibration, blocks)
-            results.append({**cell, "settings": settings[method]})
-            tmp = results_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(results, indent=1))
-            os.replace(tmp, results_path)  # a finished cell is never lost, never recomputed
-    write_tables(results, out, model_args, eval_args, args)
+        results_path = out / "results.json"
+        results = json.loads(results_path.read_text()) if results_path.is_file() else []
+        done = {(r["method"], r["sparsity"]) for r in results}
+        cells = [(spec, "0") if spec.name == DENSE else (spec, s) for spec in grid.specs
+                 for s in (["0"] if spec.name == DENSE else grid.sparsities)]
+        settings = {(str(spec), s): cell_settings(spec, s, model_args, data_args, eval_args, training_args)
+                    for spec, s in cells}
+        _check_resumable(results, settings, results_path)  # before anything is computed
+        todo = [(spec, s) for spec, s in cells if (str(spec), s) not in done]
+        if any(spec.trained for spec, _ in todo) and training_args.max_steps < 1:
+            raise ValueError("the sweep's trained methods need a fixed budget: give max_steps ≥ 1.")
+        logger.info("sweep: %d cells, %d already done", len(cells), len(cells) - len(todo))
+        if todo:
+            base, tokenizer = load_model(model_args)
+            blocks = None
+            if any(spec.trained or spec.calibrates for spec, _ in todo):
+                blocks = prepare_lm_datasets(data_args, tokenizer, base)["train"]
+            for spec, s in todo:
+                logger.info("sweep: %s at %s", spec, s)
+                cell = run_cell(base, tokenizer, spec, s, training_args, eval_args, blocks)
+                results.append({**cell, "settings": settings[(str(spec), s)]})
+                write_json(results_path, results)  # a finished cell is never lost, never recomputed
+        write_tables(results, out, {"model": asdict(model_args), "data": asdict(data_args),
+                                    "eval": asdict(eval_args), "grid": {"methods": grid.methods,
+                                                                         "sparsities": grid.sparsities},
+                                    "training": training_args.run_settings()})
     return results
 
 
-def write_tables(results: list[dict], out: Path, model_args=None, eval_args=None, args=None) -> None:
+def write_tables(results: list[dict], out: Path, config: dict | None = None) -> None:
     texts = sorted({t for r in results for t in r["perplexity"]})
     header = ["method", "sparsity", "actual_sparsity", *[f"ppl_{t}" for t in texts], "time_s", "tokens_trained"]
     rows = [[r["method"], r["sparsity"], f"{r['actual_sparsity']:.4f}",
@@ -220,9 +193,8 @@ def write_tables(results: list[dict], out: Path, model_args=None, eval_args=None
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(map(str, r)) + " |"
                                                                           for r in rows]
     (out / "results.md").write_text("\n".join(md) + "\n")
-    if args is not None:
-        (out / "sweep_config.json").write_text(json.dumps(
-            {"model": asdict(model_args), "eval": asdict(eval_args), "sweep": asdict(args)}, indent=1))
+    if config is not None:
+        write_json(out / "sweep_config.json", config)
     plot(results, texts, out / "perplexity_vs_sparsity.png")
 
 

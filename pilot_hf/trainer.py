@@ -1,6 +1,6 @@
 """PILoTTrainer: a thin transformers.Trainer that trains mask ⊙ weight with a time-varying regularization.
 
-What it adds to Trainer, and where (METHOD.md, sections 3-6):
+What it adds to Trainer, and where (docs/METHOD.md, sections 3-6):
 - wrapping: `__init__` swaps target layers for `MaskedLinear` (pilot/spred) before Trainer sees the model;
 - optimizer: `create_optimizer` gives masks their own learning rate, takes masks and target weights out of
   `weight_decay`, and registers two optimizer hooks: before each step the regularization is added to the
@@ -21,11 +21,14 @@ import re
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .config import PILoTConfig
+from .data import calibration_blocks
+from .hub import CardInfo, card_info_for_run, write_model_card
+from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
-from .pruning import SparsityPattern, keep_masks
+from .pruning import SparsityPattern, apply_keep_mask, keep_masks
 from .regularization import AlphaController
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
@@ -42,6 +45,9 @@ from .wrapping import (
 )
 
 PILOT_STATE_NAME = "pilot_state.json"
+# A complete PILoTTrainer checkpoint holds these (pilot_state.json is written last, atomically).
+CHECKPOINT_FILES = ("trainer_state.json", PILOT_STATE_NAME)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Prefixes that DDP, FSDP and activation checkpointing add to parameter names.
 _WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -52,6 +58,20 @@ def _clean_name(name: str) -> str:
         if cleaned == name:
             return name
         name = cleaned
+
+
+def latest_checkpoint(folder: str | os.PathLike | None) -> str | None:
+    """The complete checkpoint with the highest step in `folder` (by number: checkpoint-12 comes after
+    checkpoint-8), skipping checkpoints whose save was interrupted."""
+    if folder is None or not os.path.isdir(folder):
+        return None
+    complete = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        match = _CHECKPOINT.match(name)
+        if match and all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):
+            complete.append((int(match.group(1)), path))
+    return max(complete)[1] if complete else None
 
 
 class PILoTTrainer(Trainer):
@@ -66,11 +86,21 @@ class PILoTTrainer(Trainer):
             raise ValueError("PILoTTrainer needs a model instance (model_init is not supported).")
         if args is None:
             args = PILoTTrainingArguments(output_dir="pilot-output")
-        if not isinstance(args, PILoTTrainingArguments):
-            raise TypeError(f"PILoTTrainer takes PILoTTrainingArguments, got {type(args).__name__}.")
-        self.check_pattern(model, args)
+        elif not isinstance(args, PILoTTrainingArguments):
+            if not isinstance(args, TrainingArguments):
+                raise TypeError(f"PILoTTrainer takes (PILoT)TrainingArguments, got {type(args).__name__}.")
+            args = PILoTTrainingArguments.from_training_args(args)  # PILoT fields at their defaults
+        _refuse_peft(model)
+        # A model the user wrapped keeps its own targets and β; otherwise the arguments say what to wrap.
+        self.pilot_config = (getattr(model, "pilot_config", None) if is_wrapped(model) else None) or args.pilot_config()
+        self.check_pattern(model, args, self.pilot_config)
+        if args.warm_start:
+            if is_wrapped(model):
+                raise ValueError(f"warm_start={args.warm_start!r} prunes the plain model before wrapping it, but "
+                                 "this model is already wrapped; pass the unwrapped model.")
+            self.warm_start_report = _warm_start(model, args, self.pilot_config, kwargs.get("train_dataset"))
         if args.reparameterized and not is_wrapped(model):
-            wrap_model(model, args.pilot_config())
+            wrap_model(model, self.pilot_config)
         elif not args.reparameterized and is_wrapped(model):
             raise ValueError(f"method={args.method!r} trains the plain weights, but this model is wrapped; pass the "
                              "unwrapped model or use method='pilot'/'spred'.")
@@ -92,31 +122,31 @@ class PILoTTrainer(Trainer):
     # ----- targets and parameters -----------------------------------------------------------------
 
     @staticmethod
-    def check_pattern(model: nn.Module, args: PILoTTrainingArguments) -> None:
+    def check_pattern(model: nn.Module, args: PILoTTrainingArguments, config: PILoTConfig | None = None) -> None:
         """Fail before any step if the pattern does not fit the target shapes (e.g. N:M vs in_features)."""
-        if args.sparsity is None:
+        if not args.prunes:
             return
         pattern = SparsityPattern.parse(args.sparsity_pattern)
-        layers = masked_layers(model) or find_target_layers(model, args.pilot_config())
+        layers = masked_layers(model) or find_target_layers(model, config or args.pilot_config())
         for name, layer in layers.items():
             pattern.check_shape(name, tuple(out_in_layout(effective_weight(layer), layer).shape))
 
     def _targets(self) -> dict[str, nn.Module]:
-        return masked_layers(self.model) or find_target_layers(self.model, self.args.pilot_config())
+        return masked_layers(self.model) or find_target_layers(self.model, self.pilot_config)
 
     def _regularized_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        if self.args.method == "dense":
+        if self.args.method == "finetune":
             return {}
         if self.args.reparameterized:
             names = {f"{n}.{p}" for n in masked_layers(model) for p in ("mask", "weight")}
         else:
-            names = {f"{n}.weight" for n in find_target_layers(model, self.args.pilot_config())}
+            names = {f"{n}.weight" for n in find_target_layers(model, self.pilot_config)}
         return {n: p for n, p in model.named_parameters() if n in names}
 
     @torch.no_grad()
     def _default_l1_ratio_threshold(self) -> float:
         """K = the L1 share of W_init that pruning at the target sparsity would keep (0.5 without a target)."""
-        if self.args.sparsity is None:
+        if not self.args.prunes:
             return 0.5
         targets = self._targets()
         scores = {n: out_in_layout(effective_weight(m).abs().float(), m) for n, m in targets.items()}
@@ -185,7 +215,7 @@ class PILoTTrainer(Trainer):
     @torch.no_grad()
     def _apply_frozen_pattern(self, *_):
         for p, keep in self.frozen:
-            p.masked_fill_(~keep, 0)  # +0.0, not -0.0: zero signs cost bits in compressed checkpoints
+            apply_keep_mask(p, keep)
 
     # ----- controller, pruning and diagnostics ------------------------------------------------------
 
@@ -256,7 +286,7 @@ class PILoTTrainer(Trainer):
             self.controller.step_end(step, mean_loss, self._l1_ratio())
             self._broadcast_controller()
             self._interval_loss, self._interval_steps = None, 0
-        if self.args.recovery_steps and self.args.sparsity is not None and step >= self.sparsify_steps:
+        if self.args.recovery_steps and step >= self.sparsify_steps:
             self._prune()
 
     def _broadcast_controller(self) -> None:
@@ -284,8 +314,8 @@ class PILoTTrainer(Trainer):
             layers = masked_layers(self.model)
             self.frozen = [(p, keep[n]) for n, m in layers.items() for p in (m.mask, m.weight)]
         else:
-            keep = magnitude_prune(self.model, a.sparsity, a.sparsity_pattern, a.pilot_config())
-            targets = find_target_layers(self.model, a.pilot_config())
+            keep = magnitude_prune(self.model, a.sparsity, a.sparsity_pattern, self.pilot_config)
+            targets = find_target_layers(self.model, self.pilot_config)
             self.frozen = [(targets[n].weight, keep[n]) for n in keep]
         self.pruned = True
 
@@ -298,11 +328,12 @@ class PILoTTrainer(Trainer):
         if self.args.reparameterized:
             diff = sum(float((m.mask.float() ** 2 - m.weight.float() ** 2).sum()) for m in targets.values())
             numel = sum(m.weight.numel() for m in targets.values())
-            out["balance"] = diff / numel / (self.args.beta if self.args.init == "pilot" else 1.0)
+            beta = self.pilot_config.beta
+            out["balance"] = diff / numel / (beta if beta > 0 else 1.0)
         effective = {n: out_in_layout(effective_weight(m).float(), m) for n, m in targets.items()}
         zeros = sum(int((x == 0).sum()) for x in effective.values())
         out["sparsity"] = zeros / sum(x.numel() for x in effective.values())
-        if self.args.sparsity is not None:
+        if self.args.prunes:
             keep = keep_masks({n: x.abs() for n, x in effective.items()}, self.args.sparsity, self.args.sparsity_pattern)
             removed = sum(float((x[~keep[n]] ** 2).sum()) for n, x in effective.items())
             total = sum(float((x ** 2).sum()) for x in effective.values())
@@ -318,7 +349,7 @@ class PILoTTrainer(Trainer):
 
     def _pilot_state(self) -> dict:
         loss = None if self._interval_loss is None else float(self._interval_loss)
-        return {"settings": self.args.pilot_settings(), "controller": self.controller.state_dict(),
+        return {"settings": self.args.run_settings(), "controller": self.controller.state_dict(),
                 "l1_init": self.l1_init, "l1_ratio_threshold": self.l1_ratio_threshold, "pruned": self.pruned,
                 "interval_loss": loss, "interval_steps": self._interval_steps}
 
@@ -336,11 +367,13 @@ class PILoTTrainer(Trainer):
     def _load_pilot_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, PILOT_STATE_NAME)
         if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} has no {PILOT_STATE_NAME}: it was not written by PILoTTrainer, so its "
-                             "α schedule cannot be resumed. Start a new run instead.")
+            intact = latest_checkpoint(os.path.dirname(os.path.abspath(checkpoint)))
+            hint = f"Resume from {intact}, the latest complete checkpoint." if intact else "Start a new run instead."
+            raise ValueError(f"{checkpoint} has no {PILOT_STATE_NAME}: its save was interrupted (or PILoTTrainer did "
+                             f"not write it), so its α schedule cannot be resumed. {hint}")
         with open(path) as f:
             state = json.load(f)
-        current = json.loads(json.dumps(self.args.pilot_settings()))
+        current = json.loads(json.dumps(self.args.run_settings()))
         diff = {k: (v, current.get(k)) for k, v in state["settings"].items() if current.get(k) != v}
         if diff:
             lines = "; ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
@@ -359,11 +392,16 @@ class PILoTTrainer(Trainer):
         if self.controller is not None and not is_wrapped(self.model) and self.args.reparameterized:
             raise RuntimeError("this trainer already finished (its model is merged); create a new PILoTTrainer.")
         checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, str) and checkpoint.lower() in ("true", "false"):  # from a command line or YAML
+            checkpoint = checkpoint.lower() == "true"
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint = latest_checkpoint(self.args.output_dir)
             if checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-* "
-                                 "folder; pass a checkpoint path or start without resuming.")
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no complete "
+                                 "checkpoint-* folder; pass a checkpoint path or start without resuming.")
+        elif checkpoint and not os.path.isdir(checkpoint):
+            raise ValueError(f"resume_from_checkpoint={checkpoint!r} is not a folder; give a checkpoint-* folder, "
+                             "or true for the latest complete one in output_dir.")
         if checkpoint:
             self._load_pilot_state(checkpoint)
         output = super().train(resume_from_checkpoint=checkpoint or None, **kwargs)
@@ -373,34 +411,27 @@ class PILoTTrainer(Trainer):
     @torch.no_grad()
     def finish(self) -> nn.Module:
         """Prune to the target (unless recovery already did), merge mask ⊙ weight and unwrap."""
-        if self.args.sparsity is not None and not self.pruned:
+        if self.args.prunes and not self.pruned:
             self._prune()
         self.frozen = []
         if is_wrapped(self.model):
             merge_and_unload(self.model)
-        self.sparsity_report = sparsity_report(self.model, self.args.pilot_config())
+        self.sparsity_report = sparsity_report(self.model, self.pilot_config)
         return self.model
 
 
     # ----- model card ----------------------------------------------------------------------------------
 
-    def card_info(self, results: list[dict] | None = None, base_model: str | None = None, **kwargs) -> dict:
-        """What the model card says about this run (see pilot_hf.hub.CardInfo)."""
-        a = self.args
-        hyper = {k: v for k, v in a.pilot_settings().items() if v is not None}
-        hyper.update(learning_rate=a.learning_rate, max_steps=self.state.max_steps, optim=str(a.optim),
-                     per_device_train_batch_size=a.per_device_train_batch_size,
-                     gradient_accumulation_steps=a.gradient_accumulation_steps, seed=a.seed)
-        return {"base_model": base_model or getattr(self.model.config, "name_or_path", None) or "unknown",
-                "sparsity_report": self.sparsity_report or sparsity_report(self.model, a.pilot_config()),
-                "method": a.method if a.method == "pilot" else f"{a.method} (PILoTTrainer ablation)",
-                "hyperparameters": hyper, "pattern": a.sparsity_pattern, "results": results or [], **kwargs}
+    def card_info(self, results: list[dict] | None = None, base_model: str | None = None, **kwargs) -> CardInfo:
+        """What the model card says about this run: the run settings record, the sparsity report, results."""
+        settings = {**self.args.run_settings(), "max_steps": self.state.max_steps}
+        report = self.sparsity_report or sparsity_report(self.model, self.pilot_config)
+        return card_info_for_run(settings, report, base_model=base_model or getattr(self.model.config,
+                                 "name_or_path", None) or "unknown", results=results or [], **kwargs)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
         """Write README.md in output_dir with PILoT's card (so `push_to_hub()` publishes it)."""
-        from .hub import write_model_card
-
         if not self.is_world_process_zero():
             return
         extra = {k: v for k, v in dict(language=language, license=license, model_name=model_name).items() if v}
@@ -425,6 +456,28 @@ class _PILoTCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer._save_pilot_state()
+
+
+def _refuse_peft(model: nn.Module) -> None:
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError("this model carries PEFT adapter layers (LoRA, ...); PILoTTrainer sparsifies the base "
+                         "weights and would wrap the adapters' own linear layers. Merge the adapters first "
+                         "(model = model.merge_and_unload()) and pass the plain model.")
+
+
+def _warm_start(model: nn.Module, args: PILoTTrainingArguments, config: PILoTConfig, train_dataset) -> OneShotReport:
+    """Prune the plain model one-shot to the target (docs/METHOD.md section 2: x_init), calibrated on
+    training blocks. Deterministic, so every process of a multi-process run gets the same start."""
+    calibration = None
+    if args.warm_start != "magnitude":
+        if train_dataset is None:
+            raise ValueError(f"warm_start={args.warm_start!r} calibrates on the training data; pass train_dataset.")
+        calibration = calibration_blocks(train_dataset, args.num_calibration_samples, seed=args.seed)
+    return oneshot_prune(model, calibration, method=args.warm_start, sparsity=args.sparsity,
+                         pattern=args.sparsity_pattern, config=config)
 
 
 def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], **settings) -> None:

@@ -1,33 +1,39 @@
-"""PILoTTrainingArguments: TrainingArguments plus the PILoT settings (METHOD.md, sections 3-6)."""
+"""PILoTTrainingArguments: TrainingArguments plus the PILoT settings (docs/METHOD.md, sections 3-6 and 10)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
 from .config import ALL_LINEAR, PILoTConfig
+from .methods import CALIBRATED_METHODS, check_trained_method, check_warm_start
 from .pruning import SparsityPattern
 from .regularization import SCHEDULES
 
-METHODS = ("pilot", "spred", "l1", "dense")
-# What each ablation means when its knobs are left unset.
+# What each trained method means when its knobs are left unset.
 _METHOD_DEFAULTS = {
     "pilot": {"alpha_schedule": "pilot", "init": "pilot"},  # PILoT init + adaptive α
     "spred": {"alpha_schedule": "constant", "init": "spred"},  # balanced init + constant α
     "l1": {"alpha_schedule": "pilot", "init": None},  # explicit L1 on dense weights, same α machinery
-    "dense": {"alpha_schedule": "none", "init": None},  # plain fine-tuning, then magnitude pruning
+    "finetune": {"alpha_schedule": "none", "init": None},  # plain fine-tuning, then magnitude pruning
 }
 REGULARIZATIONS = ("coupled", "decoupled")
 TENSORWISE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the optimizers TensorwiseAdamW stands in for
-DEFAULT_SPARSITY = 0.5
+TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
 
-# The settings that define a PILoT run: resuming a checkpoint made with other values is refused.
-PILOT_SETTINGS = (
-    "sparsity", "sparsity_pattern", "method", "alpha_init", "alpha_schedule", "alpha_final", "alpha_min",
-    "alpha_max", "delta", "alpha_update_interval", "l1_ratio_threshold", "loss_tolerance", "regularization",
-    "mask_learning_rate", "weight_learning_rate", "tensorwise_second_moment", "recovery_steps", "beta", "init",
-    "target_modules", "target_regex", "exclude_modules",
+# The run settings record: everything that defines a trained result. Resuming a checkpoint made with other
+# values is refused; the model card, run_config.json and the sweep's cells record exactly these.
+RUN_SETTINGS = (
+    "method", "warm_start", "num_calibration_samples", "sparsity", "sparsity_pattern",
+    "alpha_init", "alpha_schedule", "alpha_final", "alpha_min", "alpha_max", "delta", "alpha_update_interval",
+    "l1_ratio_threshold", "loss_tolerance", "regularization", "mask_learning_rate", "weight_learning_rate",
+    "tensorwise_second_moment", "recovery_steps", "beta", "init", "target_modules", "target_regex",
+    "exclude_modules", "lm_loss_weight", "distill_logit_weight", "distill_feature_weight", "distill_temperature",
+    "teacher_model_name_or_path", "teacher_dtype",
+    # the training budget and optimizer (TrainingArguments' own fields)
+    "learning_rate", "weight_decay", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "lr_scheduler_type", "warmup_steps", "optim", "max_grad_norm", "seed", "bf16",
 )
 
 
@@ -36,9 +42,9 @@ class PILoTTrainingArguments(TrainingArguments):
     """`TrainingArguments` for `PILoTTrainer`. Every field below has a command-line flag of the same name."""
 
     sparsity: float | None = field(
-        default=DEFAULT_SPARSITY,
-        metadata={"help": "Fraction of target weights removed at the end of training, in (0, 1). None: train "
-                  "the masks but do not prune. N:M patterns set it to (M-N)/M."},
+        default=None,
+        metadata={"help": "Fraction of target weights removed at the end of training, in (0, 1). Default 0.5; "
+                  "N:M patterns fix it to (M-N)/M. 0: train, but do not prune."},
     )
     sparsity_pattern: str = field(
         default="unstructured",
@@ -47,12 +53,20 @@ class PILoTTrainingArguments(TrainingArguments):
     method: str = field(
         default="pilot",
         metadata={"help": "pilot (PILoT init + adaptive α), spred (balanced init + constant α), l1 (explicit L1 on "
-                  "the dense weights, same schedules), dense (plain fine-tuning, then magnitude pruning)."},
+                  "the plain weights, same schedules), finetune (plain fine-tuning, then magnitude pruning)."},
     )
+    warm_start: str | None = field(
+        default=None,
+        metadata={"help": "Start from a one-shot pruned model instead of the dense one (docs/METHOD.md section 2): "
+                  "'wanda', 'sparsegpt' or 'magnitude', at the target sparsity and pattern, calibrated on "
+                  "num_calibration_samples blocks of the training data. Pruned weights start at 0 and may regrow."},
+    )
+    num_calibration_samples: int = field(
+        default=32, metadata={"help": "Training blocks used as calibration data by a wanda/sparsegpt warm start."})
     alpha_init: float = field(default=1e-4, metadata={"help": "α at step 0 (the regularization strength)."})
     alpha_schedule: str | None = field(
         default=None,
-        metadata={"help": f"One of {SCHEDULES}; default by method (pilot/l1: pilot, spred: constant, dense: none)."},
+        metadata={"help": f"One of {SCHEDULES}; default by method (pilot/l1: pilot, spred: constant, finetune: none)."},
     )
     alpha_final: float = field(
         default=0.0, metadata={"help": "α at the last step for linear/cosine/exponential (exponential needs > 0)."}
@@ -81,12 +95,12 @@ class PILoTTrainingArguments(TrainingArguments):
     mask_learning_rate: float | None = field(
         default=1e-3,
         metadata={"help": "Learning rate of the masks (their own parameter group; masks start near 1 while weights "
-                  "are ~0.1, see METHOD.md section 8). Default 1e-3: with Adam, 3e-2 moved every mask by ~3% per "
+                  "are ~0.1, see docs/METHOD.md section 8). Default 1e-3: with Adam, 3e-2 moved every mask by ~3% per "
                   "step and wrecked SmolLM2 (docs/BENCHMARKS.md). None: same as learning_rate."},
     )
     weight_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the target layers' weights (w in m⊙w; the plain weights for l1/dense), in "
+        metadata={"help": "Learning rate of the target layers' weights (w in m⊙w; the plain weights for l1/finetune), in "
                   "their own group. None: same as learning_rate. Lets the sparsified layers move faster than "
                   "embeddings and norms."},
     )
@@ -113,11 +127,30 @@ class PILoTTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Alternatively, one regex over full module names."}
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
+    lm_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the language-modeling loss (0: pure distillation)."})
+    distill_logit_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of logit distillation from the teacher: T²·KL(teacher ‖ student) of the "
+                  "temperature-scaled next-token distributions, per labeled token (docs/METHOD.md section 10). "
+                  "0: off."})
+    distill_feature_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of SquareHead feature distillation: per decoder block, the MSE between student and "
+                  "teacher hidden states divided by the teacher's mean square, averaged over blocks. 0: off."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Temperature T of logit distillation."})
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The teacher for distillation: a model folder or Hub id with the student's tokenizer. "
+                  "Default: a frozen copy of the model as given to the trainer (before any warm-start pruning)."})
+    teacher_dtype: str | None = field(
+        default=None, metadata={"help": "Hold the teacher in this dtype (bfloat16 halves its memory); default: "
+                                "the dtype it was loaded in."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; use one of {METHODS}.")
+        check_trained_method(self.method)
+        check_warm_start(self.warm_start)
         defaults = _METHOD_DEFAULTS[self.method]
         if self.alpha_schedule is None:
             self.alpha_schedule = defaults["alpha_schedule"]
@@ -125,8 +158,8 @@ class PILoTTrainingArguments(TrainingArguments):
             self.init = defaults["init"]
         if self.alpha_schedule not in SCHEDULES:
             raise ValueError(f"alpha_schedule={self.alpha_schedule!r}; use one of {SCHEDULES}.")
-        if self.method == "dense" and self.alpha_schedule != "none":
-            raise ValueError("method='dense' is plain fine-tuning: leave alpha_schedule unset (or 'none').")
+        if self.method == "finetune" and self.alpha_schedule != "none":
+            raise ValueError("method='finetune' is plain fine-tuning: leave alpha_schedule unset (or 'none').")
         if self.tensorwise_second_moment and str(getattr(self.optim, "value", self.optim)) not in TENSORWISE_OPTIMS:
             raise ValueError(f"tensorwise_second_moment replaces AdamW; it needs optim in {TENSORWISE_OPTIMS}, "
                              f"got optim={getattr(self.optim, 'value', self.optim)!r}.")
@@ -135,10 +168,34 @@ class PILoTTrainingArguments(TrainingArguments):
 
         pattern = SparsityPattern.parse(self.sparsity_pattern)
         self.sparsity_pattern = str(pattern)
-        if pattern.is_nm and self.sparsity == DEFAULT_SPARSITY:  # the pattern decides; 0.5 was only the default
-            self.sparsity = None
-        if self.sparsity is not None or pattern.is_nm:
+        if self.sparsity == 0 and not isinstance(self.sparsity, bool):  # train without pruning
+            if pattern.is_nm:
+                raise ValueError(f"sparsity=0 means 'do not prune', but pattern {pattern} prunes (M-N)/M; drop one.")
+            self.sparsity = 0.0
+        else:
             self.sparsity = pattern.resolve_sparsity(self.sparsity)
+        if self.warm_start and not self.prunes:
+            raise ValueError(f"warm_start={self.warm_start!r} prunes to the target sparsity first; give a sparsity.")
+        if self.warm_start in CALIBRATED_METHODS and pattern.kind == "global":
+            raise ValueError(f"a {self.warm_start} warm start compares scores within a layer; pattern 'global' is "
+                             "only available to magnitude. Use 'unstructured', 'row' or N:M.")
+        if self.num_calibration_samples < 1:
+            raise ValueError(f"num_calibration_samples={self.num_calibration_samples}: must be ≥ 1.")
+        for name in ("lm_loss_weight", "distill_logit_weight", "distill_feature_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{name}={value!r}: must be a finite number ≥ 0 (0 turns that term off).")
+        if self.lm_loss_weight == 0 and not self.distills:
+            raise ValueError("lm_loss_weight=0 leaves no loss: turn distillation on (distill_logit_weight or "
+                             "distill_feature_weight > 0) or keep the LM loss.")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature={self.distill_temperature!r}: must be > 0 (1 is the plain "
+                             "distributions).")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}; use one of {TEACHER_DTYPES}.")
+        if (self.teacher_model_name_or_path or self.teacher_dtype) and not self.distills:
+            raise ValueError("a teacher is only used for distillation: set distill_logit_weight or "
+                             "distill_feature_weight > 0, or drop teacher_model_name_or_path/teacher_dtype.")
 
         _positive = {"alpha_max": self.alpha_max, "delta": self.delta, "beta": self.beta}
         for name, value in _positive.items():
@@ -164,9 +221,12 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError(f"loss_tolerance={self.loss_tolerance}: must be ≥ 0.")
         if self.mask_learning_rate is not None and not self.mask_learning_rate > 0:
             raise ValueError(f"mask_learning_rate={self.mask_learning_rate}: must be > 0 (or None for learning_rate).")
+        if self.max_steps == 0:
+            raise ValueError("max_steps=0 trains nothing; give the number of optimizer steps (≥ 1), or -1 to train "
+                             "for num_train_epochs.")
         if self.recovery_steps < 0:
             raise ValueError(f"recovery_steps={self.recovery_steps}: must be ≥ 0.")
-        if self.recovery_steps and self.sparsity is None:
+        if self.recovery_steps and not self.prunes:
             raise ValueError("recovery_steps > 0 fine-tunes with a frozen pruning pattern, so it needs a target: "
                              "set sparsity (e.g. 0.5) or an N:M sparsity_pattern.")
         if self.recovery_steps and self.max_steps > 0 and self.recovery_steps >= self.max_steps:
@@ -175,6 +235,36 @@ class PILoTTrainingArguments(TrainingArguments):
         if self.target_modules is not None and self.target_regex is not None:
             raise ValueError("give target_modules (names) or target_regex, not both.")
         self.pilot_config()  # validates targets, beta and init
+
+    @classmethod
+    def from_training_args(cls, args: TrainingArguments, **pilot_fields) -> PILoTTrainingArguments:
+        """These arguments from a plain `TrainingArguments` (its values kept; PILoT fields at their defaults
+        unless given). Read field by field: `to_dict()` would hide hub_token and change enum types."""
+        values = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
+        values.update(pilot_fields)
+        return cls(**values)
+
+    def with_method(self, method: str, **changes) -> PILoTTrainingArguments:
+        """A copy for another trained method (a sweep cell): settings that only followed the old method's
+        defaults (alpha_schedule, init) follow the new one's; everything else is kept unless in `changes`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        for key in ("alpha_schedule", "init"):
+            if values[key] == _METHOD_DEFAULTS[self.method][key]:
+                values[key] = None
+        return type(self)(**{**values, "method": method, **changes})
+
+    def __getstate__(self):
+        # Trainer pickles its arguments into every checkpoint and upload (training_args.bin): never the token.
+        return {**self.__dict__, "hub_token": None}
+
+    @property
+    def prunes(self) -> bool:
+        """Whether training ends pruned to a target (sparsity 0 trains without pruning)."""
+        return self.sparsity > 0
+
+    @property
+    def distills(self) -> bool:
+        return self.distill_logit_weight > 0 or self.distill_feature_weight > 0
 
     @property
     def reparameterized(self) -> bool:
@@ -187,5 +277,10 @@ class PILoTTrainingArguments(TrainingArguments):
         return PILoTConfig(target_modules=targets, exclude_modules=self.exclude_modules, beta=self.beta,
                            init=self.init or "pilot")
 
-    def pilot_settings(self) -> dict:
-        return {name: getattr(self, name) for name in PILOT_SETTINGS}
+    def run_settings(self) -> dict:
+        """The run settings record (RUN_SETTINGS), as plain JSON values."""
+        return {name: _plain(getattr(self, name)) for name in RUN_SETTINGS}
+
+
+def _plain(value):
+    return getattr(value, "value", value)  # enums (optim, lr_scheduler_type) as their strings

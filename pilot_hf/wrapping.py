@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, PILoTConfig
 from .layers import MaskedLinear
-from .pruning import SparsityPattern, keep_masks
+from .pruning import SparsityPattern, apply_keep_mask, keep_masks
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 _IN_BLOCK = re.compile(r"\.\d+\.")  # decoder blocks live in numbered module lists: layers.3., h.0.
@@ -136,7 +136,7 @@ def prune_model(model: nn.Module, sparsity: float | None = None,
                 pattern: str | SparsityPattern = "unstructured") -> dict[str, torch.Tensor]:
     """Zero the smallest |mask ⊙ weight| of every masked layer to exactly the target sparsity.
 
-    `sparsity` defaults to 0.5, or to (M − N)/M for an N:M pattern.
+    `sparsity` defaults as `SparsityPattern.resolve_sparsity` says (0.5, or (M − N)/M for N:M).
     Both mask and weight are zeroed at pruned entries. Returns the keep-masks (in each layer's
     weight layout), which recovery fine-tuning uses to keep the pattern frozen.
     """
@@ -154,19 +154,18 @@ def _prune(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None,
     else:
         _check_scores(scores, layers, transposed)
         scores = {n: scores[n] for n in layers}  # module order: 'global' breaks ties by it
-    if sparsity is None and not SparsityPattern.parse(pattern).is_nm:
-        sparsity = 0.5  # the default; N:M patterns fix their own
     keep = keep_masks(scores, sparsity, pattern)
     result = {}
     for name, layer in layers.items():
-        k = _layout(keep[name], transposed[name]).to(layer.weight.device)
-        # masked_fill, not mul: a pruned negative weight must become +0.0, not -0.0 (compressed
-        # checkpoints store the sign of every -0.0 to stay bit-exact).
-        if isinstance(layer, MaskedLinear):
-            layer.mask.masked_fill_(~k, 0.0)
-        layer.weight.masked_fill_(~k, 0.0)
-        result[name] = k
+        result[name] = _layout(keep[name], transposed[name]).to(layer.weight.device)
+        for tensor in pruned_tensors(layer):
+            apply_keep_mask(tensor, result[name])
     return result
+
+
+def pruned_tensors(layer: nn.Module) -> list[torch.Tensor]:
+    """The tensors a keep-mask zeroes in `layer`: mask and weight of a MaskedLinear, else the weight."""
+    return [layer.mask, layer.weight] if isinstance(layer, MaskedLinear) else [layer.weight]
 
 
 def is_transposed(layer: nn.Module) -> bool:

@@ -5,7 +5,7 @@
 
 import sys
 
-from pilot_hf.cli import main
+from pilot_hf.commands import main
 
 if __name__ == "__main__":
     sys.exit(main(["compress", *sys.argv[1:]]))

@@ -13,7 +13,8 @@ import transformers as T
 import yaml
 from conftest import byte_tokenizer
 
-from pilot_hf import cli
+from pilot_hf.commands import command_module
+from pilot_hf.commands import parse as parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
@@ -36,8 +37,12 @@ def tiny_dir(tmp_path_factory):
 
 
 def pilot_hf(*args, cwd=None, env=ENV):
-    return subprocess.run([sys.executable, "-m", "pilot_hf.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pilot_hf", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd)
+
+
+def parse(command, argv):
+    return parse_args(command, argv, command_module(command).ARGUMENTS)
 
 
 def tiny_flags(tiny_dir, out, *extra):
@@ -67,7 +72,7 @@ def test_compress_then_evaluate(tiny_dir, tmp_path):
     assert {"sparse", "pilot"} <= set(card.data.tags)
     assert card.data.eval_results[0].metric_value == pytest.approx(metrics["sparse"]["pydoc"]["perplexity"])
     resolved = json.loads((out / "run_config.json").read_text())
-    assert resolved["training"]["sparsity"] == 0.5 and resolved["data"]["block_size"] == 32
+    assert resolved["settings"]["sparsity"] == 0.5 and resolved["data"]["block_size"] == 32
 
     evaluated = pilot_hf("evaluate", "--model_name_or_path", out, "--eval_texts", "pydoc", "--eval_max_tokens", 512,
                          "--eval_max_length", 64, "--output_file", tmp_path / "eval.json")
@@ -91,17 +96,17 @@ def test_yaml_and_command_line_resolve_identically(tiny_dir, tmp_path):
     pairs["eval_texts"] = ["pydoc"]
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(pairs))
-    from_flags = cli.parse("compress", flags)
-    from_yaml = cli.parse("compress", ["--config", str(config)])
+    from_flags = parse("compress", flags)
+    from_yaml = parse("compress", ["--config", str(config)])
     assert [asdict(a) for a in from_flags] == [asdict(a) for a in from_yaml]
     # the command line overrides the file
-    overridden = cli.parse("compress", ["--config", str(config), "--sparsity", "0.7"])
+    overridden = parse("compress", ["--config", str(config), "--sparsity", "0.7"])
     assert overridden[3].sparsity == 0.7
 
 
 def test_demo_defaults_equal_the_demo_config():
-    bare = cli.parse("compress", [])
-    from_file = cli.parse("compress", ["--config", str(REPO / "configs" / "demo_cpu.yaml")])
+    bare = parse("compress", [])
+    from_file = parse("compress", ["--config", str(REPO / "configs" / "demo_cpu.yaml")])
     assert [asdict(a) for a in bare] == [asdict(a) for a in from_file]
     assert bare[0].model_name_or_path == "smollm2-135m" and bare[3].sparsity == 0.5
 
@@ -112,7 +117,7 @@ def test_shipped_configs_parse(config):
     raw = yaml.safe_load(config.read_text())
     command = "sweep" if "methods" in raw else "compress"
     cpu = ["--bf16", "false", "--use_cpu", "true"] if "gpu" in config.name else []
-    args = cli.parse(command, ["--config", str(config), *cpu])
+    args = parse(command, ["--config", str(config), *cpu])
     resolved = {k: v for a in args for k, v in asdict(a).items()}
     for key, value in raw.items():
         if key not in ("bf16", "use_cpu", "report_to", "save_strategy", "lr_scheduler_type"):
@@ -126,7 +131,8 @@ def _error(run):
 @pytest.mark.parametrize("extra,message", [
     (["--sparsty", "0.5"], "unknown argument(s) ['--sparsty'"),
     (["--sparsity", "1.5"], "strictly between 0 and 1"),
-    (["--sparsity_pattern", "3:5"], "divisible by 5"),
+    (["--sparsity_pattern", "3:5"], "always gives sparsity 0.4; got sparsity=0.5"),  # never silently changed
+    (["--sparsity", "0.4", "--sparsity_pattern", "3:5"], "divisible by 5"),
 ])
 def test_bad_flags(tiny_dir, tmp_path, extra, message):
     run = pilot_hf("compress", *tiny_flags(tiny_dir, tmp_path / "o"), *extra)

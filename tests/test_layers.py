@@ -1,4 +1,4 @@
-"""MaskedLinear and the PILoT initialization (METHOD.md, sections 1-2): exact function at step 0,
+"""MaskedLinear and the PILoT initialization (docs/METHOD.md, sections 1-2): exact function at step 0,
 mask/weight identities, dtypes, biases, gradients and trainable-parameter bookkeeping."""
 
 import pytest
@@ -38,7 +38,7 @@ def test_pilot_init_solves_product_and_balance(beta, std):
 def test_pilot_init_closed_form_values():
     W = torch.tensor([[0.0, 1.0, -2.0, 0.5]])
     m, w = pilot_init(W, 1.0)
-    golden = torch.sqrt((1 + torch.sqrt(1 + 4 * W * W)) / 2)  # METHOD.md section 2
+    golden = torch.sqrt((1 + torch.sqrt(1 + 4 * W * W)) / 2)  # docs/METHOD.md section 2
     assert torch.allclose(m, golden, rtol=0, atol=1e-7)
     assert torch.allclose(w, W / golden, rtol=0, atol=1e-7)
     assert m[0, 0] == 1.0 and w[0, 0] == 0.0  # W = 0: m = sqrt(β), w = 0
@@ -108,7 +108,7 @@ def test_unwrap_follows_train_eval_mode():
 
 
 def test_gradients_are_chain_rule_of_dense_gradient():
-    """∇m = g ⊙ w and ∇w = g ⊙ m with g the dense weight gradient (METHOD.md, section 3)."""
+    """∇m = g ⊙ w and ∇w = g ⊙ m with g the dense weight gradient (docs/METHOD.md, section 3)."""
     dense = _linear("conv1d")
     x = torch.randn(4, 12)
     target = torch.randn(4, 8)

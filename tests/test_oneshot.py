@@ -414,7 +414,7 @@ def test_errors_say_what_to_do():
 
 @pytest.mark.slow
 def test_real_model_sparsegpt_and_wanda_beat_magnitude():
-    """SmolLM2-135M at 50%: both calibrated methods keep perplexity far below magnitude's (METHOD.md, section 8)."""
+    """SmolLM2-135M at 50%: both calibrated methods keep perplexity far below magnitude's (docs/METHOD.md, section 8)."""
     import importlib.util
     import pathlib
     import sys

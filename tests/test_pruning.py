@@ -1,4 +1,4 @@
-"""Exact sparsity patterns (METHOD.md, section 6): counts, deterministic tie-breaking, N:M groups along the
+"""Exact sparsity patterns (docs/METHOD.md, section 6): counts, deterministic tie-breaking, N:M groups along the
 input dimension (also for GPT-2's transposed Conv1D), global budgets, reports, and bad input."""
 
 import json

@@ -4,54 +4,66 @@ import pytest
 from test_cli import tiny_dir  # noqa: F401  (the module-scoped fixture, reused)
 
 from pilot_hf import sweep as S
-from pilot_hf.pipeline import EvalArguments, ModelArguments
+from pilot_hf.data import DataArguments
+from pilot_hf.evaluation import EvalArguments
+from pilot_hf.loading import ModelArguments
+from pilot_hf.runs import OutputError
+from pilot_hf.training_args import PILoTTrainingArguments
 
 
-def args_for(tmp_path, model_dir, methods):
+def args_for(tmp_path, model_dir, methods, **training):
     model = ModelArguments(model_name_or_path=str(model_dir / "model"))
+    data = DataArguments(dataset_name="builtin:pydoc", block_size=32, validation_split_percentage=0)
     ev = EvalArguments(eval_texts=["pydoc"], eval_max_tokens=512, eval_max_length=64, skip_dense_eval=True)
-    sw = S.SweepArguments(methods=methods, sparsities=["0.5", "2:4"], output_dir=str(tmp_path / "sweep"),
-                          train_dataset="builtin:pydoc", block_size=32, num_calibration_samples=4, max_steps=4,
-                          recovery_steps=1, alpha_update_interval=2)
-    return model, ev, sw
+    targs = PILoTTrainingArguments(**{
+        "output_dir": str(tmp_path / "sweep"), "max_steps": 4, "recovery_steps": 1, "alpha_update_interval": 2,
+        "num_calibration_samples": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-4,
+        "lr_scheduler_type": "constant", "report_to": "none", "use_cpu": True, **training})
+    return model, data, ev, targs, S.SweepArguments(methods=methods, sparsities=["0.5", "2:4"])
 
 
 def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: F811 (pytest fixture)
-    results = S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot"]))
-    assert len(results) == 1 + 3 * 2
+    results = S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot", "finetune+wanda"]))
+    assert len(results) == 1 + 4 * 2
     out = tmp_path / "sweep"
     for name in ("results.json", "results.csv", "results.md", "perplexity_vs_sparsity.png", "sweep_config.json"):
         assert (out / name).is_file(), name
     by_cell = {(r["method"], r["sparsity"]): r for r in results}
     assert by_cell[("magnitude", "0.5")]["actual_sparsity"] == 0.5
     assert by_cell[("wanda", "2:4")]["actual_sparsity"] == 0.5
+    assert by_cell[("finetune+wanda", "2:4")]["actual_sparsity"] == 0.5
     assert by_cell[("pilot", "2:4")]["tokens_trained"] == 4 * 4 * 32
     assert by_cell[("dense", "0")]["actual_sparsity"] == 0.0
+    # A cell records the same run settings record as run_config.json and the card (method, warm start, budget).
+    training = by_cell[("finetune+wanda", "0.5")]["settings"]["training"]
+    assert training["method"] == "finetune" and training["warm_start"] == "wanda" and training["max_steps"] == 4
 
     # Interrupted sweep: drop one finished cell, rerun with one more method: only the missing cells run.
     stored = json.loads((out / "results.json").read_text())
     (out / "results.json").write_text(json.dumps([r for r in stored if r["method"] != "wanda"]))
     calls = []
     real = S.run_cell
-    monkeypatch.setattr(S, "run_cell", lambda base, tok, m, s, *a: calls.append((m, s)) or real(base, tok, m, s, *a))
+    monkeypatch.setattr(S, "run_cell", lambda base, tok, m, s, *a: calls.append((str(m), s)) or real(base, tok, m, s, *a))
     S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot", "sparsegpt"]))
     assert sorted(calls) == [("sparsegpt", "0.5"), ("sparsegpt", "2:4"), ("wanda", "0.5"), ("wanda", "2:4")]
 
     # Resuming with another training budget must not mix settings: trained cells refuse, nothing is written...
-    model, ev, sw = args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot"])
-    sw.learning_rate = 1e-3
     before = (out / "results.json").read_bytes()
-    with pytest.raises(S.UserError, match=r"pilot at 0.5 computed with other settings \(learning_rate"):
-        S.sweep(model, ev, sw)
+    with pytest.raises(OutputError, match=r"pilot at 0.5 computed with other settings \(training.learning_rate"):
+        S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda", "pilot"], learning_rate=1e-3))
     assert (out / "results.json").read_bytes() == before
     # ... while cells that do not depend on it are reused as they are.
     calls.clear()
-    S.sweep(model, ev, S.SweepArguments(**{**sw.__dict__, "methods": ["dense", "magnitude", "wanda"]}))
+    S.sweep(*args_for(tmp_path, tiny_dir, ["dense", "magnitude", "wanda"], learning_rate=1e-3))
     assert calls == []
 
 
 def test_bad_sweep_arguments():
     with pytest.raises(ValueError, match="unknown method"):
         S.SweepArguments(methods=["obs"])
+    with pytest.raises(ValueError, match="unknown method"):
+        S.SweepArguments(methods=["wanda+pilot"])
     with pytest.raises(ValueError, match="0 < N < M"):
         S.SweepArguments(sparsities=["4:2"])
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        S.SweepArguments(sparsities=["1.5"])

@@ -71,7 +71,7 @@ def test_regularization_gradient_is_exactly_2_alpha_p(tmp_path):
             assert g["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("method", ["pilot", "l1", "dense"])
+@pytest.mark.parametrize("method", ["pilot", "l1", "finetune"])
 def test_target_weights_get_their_own_learning_rate_and_keep_their_decay(tmp_path, method):
     trainer = make_trainer(tmp_path, method=method, learning_rate=1e-4, mask_learning_rate=2e-3,
                            weight_learning_rate=3e-3, weight_decay=0.01)
@@ -87,12 +87,12 @@ def test_target_weights_get_their_own_learning_rate_and_keep_their_decay(tmp_pat
         elif layer in targets and kind == "weight":
             assert lr_of[id(p)] == 3e-3, name
             # α replaces weight decay on regularized weights; plain fine-tuning keeps the ordinary decay
-            assert decay_of[id(p)] == (0.01 if method == "dense" else 0.0), name
+            assert decay_of[id(p)] == (0.01 if method == "finetune" else 0.0), name
         else:
             assert lr_of[id(p)] == 1e-4, name
 
 
-@pytest.mark.parametrize("method", ["pilot", "dense"])
+@pytest.mark.parametrize("method", ["pilot", "finetune"])
 def test_tensorwise_second_moment_for_target_tensors_only(tmp_path, method):
     from pilot_hf.optim import TensorwiseAdamW
 
@@ -115,16 +115,16 @@ def test_tensorwise_second_moment_for_target_tensors_only(tmp_path, method):
 
 
 def test_balance_decays_as_predicted_under_constant_alpha_and_sgd(tmp_path):
-    """METHOD.md §4: with coupled decay, m² − w² shrinks by (1 − 2ηα)² − η²g² per SGD step, ≈ exp(−4ηαt)."""
+    """docs/METHOD.md §4: with coupled decay, m² − w² shrinks by (1 − 2ηα)² − η²g² per SGD step, ≈ exp(−4ηαt)."""
     lr, alpha, steps = 0.05, 0.1, 20
     trainer = make_trainer(tmp_path, method="spred", beta=1.0, init="pilot", alpha_schedule="constant",
                            alpha_init=alpha, optim="sgd", learning_rate=lr, mask_learning_rate=None,
-                           lr_scheduler_type="constant", max_steps=steps, sparsity=None, max_grad_norm=0.0)
+                           lr_scheduler_type="constant", max_steps=steps, sparsity=0, max_grad_norm=0.0)
     before = {n: (m.mask.detach() ** 2 - m.weight.detach() ** 2).clone() for n, m in masked_layers(trainer.model).items()}
     trainer.train_dataset = arithmetic_dataset()
     model = trainer.model
     layers = masked_layers(model)
-    trainer.args.sparsity = None
+    trainer.args.sparsity = 0.0
 
     balances = []
 
@@ -219,7 +219,7 @@ assert int(groups.max()) <= 2, groups.max()
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
 
 
-@pytest.mark.parametrize("method", ["spred", "l1", "dense"])
+@pytest.mark.parametrize("method", ["spred", "l1", "finetune"])
 def test_ablation_methods_reach_exact_sparsity(tmp_path, method):
     trainer = make_trainer(tmp_path, method=method, sparsity=0.5, sparsity_pattern="row")
     trainer.train()
@@ -264,7 +264,7 @@ def test_gradient_accumulation_checkpointing_eval_and_sgd(tmp_path):
     (dict(alpha_init=0.0), "alpha_init"),
     (dict(delta=1.0), "delta"),
     (dict(delta=0.5), "delta"),
-    (dict(sparsity=None, recovery_steps=5), "recovery_steps"),
+    (dict(sparsity=0, recovery_steps=5), "recovery_steps"),
     (dict(recovery_steps=20), "recovery_steps"),
     (dict(sparsity=1.0), "sparsity"),
     (dict(sparsity_pattern="4:4"), "0 < N < M"),
@@ -302,7 +302,7 @@ def test_regularization_through_the_loss_gives_the_same_gradient(tmp_path, monke
     grads = {}
     for in_loss in (False, True):
         trainer = make_trainer(tmp_path, alpha_init=2e-3, max_steps=1, gradient_accumulation_steps=2,
-                               per_device_train_batch_size=4, sparsity=None)
+                               per_device_train_batch_size=4, sparsity=0)
         monkeypatch.setattr(PILoTTrainer, "regularize_in_loss", property(lambda self, v=in_loss: v))
         seen = {}
 

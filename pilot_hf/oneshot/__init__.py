@@ -6,7 +6,7 @@
 from .calibration import find_decoder_blocks, sequential_blocks
 from .magnitude import MagnitudeConfig
 from .owl import OWLConfig
-from .prune import METHODS, OneShotReport, oneshot_prune
+from .prune import METHODS, OneShotArguments, OneShotReport, oneshot_prune
 from .sparsegpt import SparseGPTConfig, sparsegpt_prune_weight
 from .wanda import WandaConfig, row_balanced_keep_mask, wanda_scores
 
@@ -14,6 +14,7 @@ __all__ = [
     "METHODS",
     "MagnitudeConfig",
     "OWLConfig",
+    "OneShotArguments",
     "OneShotReport",
     "SparseGPTConfig",
     "WandaConfig",

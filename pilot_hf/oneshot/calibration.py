@@ -1,4 +1,4 @@
-"""Block-by-block calibration shared by the one-shot methods (METHOD.md, section 7).
+"""Block-by-block calibration shared by the one-shot methods (docs/METHOD.md, section 7).
 
 The decoder blocks are processed in sequence. The inputs of block 0 are captured once; then, for
 each block, input statistics of its target layers are collected by forward hooks while the (still

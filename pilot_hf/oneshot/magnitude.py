@@ -1,4 +1,4 @@
-"""Magnitude pruning: keep the largest |W| (no calibration data). The simplest baseline (METHOD.md, section 7)."""
+"""Magnitude pruning: keep the largest |W| (no calibration data). The simplest baseline (docs/METHOD.md, section 7)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ class MagnitudeConfig:
 
     def prune_weight(self, weight: torch.Tensor, stat, sparsity: float,
                      pattern: SparsityPattern) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pruned weight, keep-mask) for one layer; used when layers get different sparsities (OWL)."""
-        keep = keep_mask(weight.abs(), sparsity, pattern)
-        return weight.masked_fill(~keep, 0.0), keep
+        """(weight, keep-mask) for one layer; used when layers get different sparsities (OWL). The caller
+        zeroes the pruned entries (`pilot_hf.pruning.apply_keep_mask`)."""
+        return weight, keep_mask(weight.abs(), sparsity, pattern)

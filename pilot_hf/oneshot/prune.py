@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import PILoTConfig
-from ..pruning import SparsityPattern
+from ..data import FILE_BUILDERS
+from ..pruning import SparsityPattern, apply_keep_mask
 from ..wrapping import find_target_layers, is_wrapped, magnitude_prune, out_in_layout, sparsity_report
 from .calibration import sequential_blocks
 from .magnitude import MagnitudeConfig
@@ -48,6 +50,57 @@ class OneShotReport:
         return out
 
 
+@dataclass
+class OneShotArguments:
+    """One-shot pruning (no training) and its calibration data."""
+
+    method: str = field(default="sparsegpt", metadata={"help": "magnitude, wanda or sparsegpt."})
+    sparsity: float | None = field(default=None, metadata={
+        "help": "Fraction of target weights removed; default 0.5, and N:M patterns fix it to (M-N)/M."})
+    sparsity_pattern: str = field(default="unstructured", metadata={"help": "unstructured, row or N:M (e.g. 2:4)."})
+    calibration_dataset: str = field(default="builtin:kjv", metadata={
+        "help": "Calibration text for wanda/sparsegpt: a dataset_name (e.g. 'builtin:kjv', its training part) or "
+                "a local text/json/csv/parquet file."})
+    num_calibration_samples: int = field(default=32, metadata={"help": "Calibration blocks."})
+    calibration_seqlen: int = field(default=256, metadata={"help": "Tokens per calibration block."})
+    seed: int = field(default=0, metadata={"help": "Seed for choosing calibration blocks."})
+
+    def __post_init__(self):
+        resolve_method(self.method)
+        pattern = SparsityPattern.parse(self.sparsity_pattern)
+        self.sparsity_pattern = str(pattern)
+        self.sparsity = pattern.resolve_sparsity(self.sparsity)
+        if self.num_calibration_samples < 1 or self.calibration_seqlen < 2:
+            raise ValueError(f"num_calibration_samples={self.num_calibration_samples} must be ≥ 1 and "
+                             f"calibration_seqlen={self.calibration_seqlen} ≥ 2.")
+
+    @property
+    def calibrates(self) -> bool:
+        return resolve_method(self.method).needs_calibration
+
+    def calibration_data(self):
+        """The DataArguments of the calibration text (a file path or a dataset_name)."""
+        from ..data import DataArguments
+
+        source = self.calibration_dataset
+        as_file = os.path.isfile(source) or os.path.splitext(source)[1].lower() in FILE_BUILDERS
+        return DataArguments(**({"train_file": source} if as_file else {"dataset_name": source}),
+                             validation_split_percentage=0)
+
+    def check_sources(self) -> None:
+        if self.calibrates:
+            self.calibration_data().check_sources()
+
+    def run_settings(self) -> dict:
+        """This run's settings record (what the card, run_config.json and the sweep store)."""
+        settings = {"method": self.method, "sparsity": self.sparsity, "sparsity_pattern": self.sparsity_pattern}
+        if self.calibrates:
+            settings.update(calibration_dataset=self.calibration_dataset, seed=self.seed,
+                            num_calibration_samples=self.num_calibration_samples,
+                            calibration_seqlen=self.calibration_seqlen)
+        return {**settings, **asdict(resolve_method(self.method))}
+
+
 def resolve_method(method: str | MethodConfig) -> MethodConfig:
     if isinstance(method, tuple(METHODS.values())):
         return method
@@ -80,8 +133,6 @@ def oneshot_prune(model: nn.Module, calibration_ids: torch.Tensor | None = None,
     """
     method = resolve_method(method)
     pattern = SparsityPattern.parse(pattern)
-    if sparsity is None and not pattern.is_nm:
-        sparsity = 0.5
     sparsity = pattern.resolve_sparsity(sparsity)
     if is_wrapped(model):
         raise ValueError("this model is wrapped (MaskedLinear layers); one-shot methods prune plain models. Use "
@@ -130,9 +181,11 @@ def oneshot_prune(model: nn.Module, calibration_ids: torch.Tensor | None = None,
 
 def _apply(method, layer: nn.Module, stat, sparsity: float, pattern: SparsityPattern) -> torch.Tensor:
     weight = out_in_layout(layer.weight, layer)
-    new_weight, keep = method.prune_weight(weight, stat, sparsity, pattern)
+    new_weight, keep = method.prune_weight(weight, stat, sparsity, pattern)  # SparseGPT also updates kept weights
+    keep = out_in_layout(keep, layer)
     layer.weight.copy_(out_in_layout(new_weight, layer))
-    return out_in_layout(keep, layer)
+    apply_keep_mask(layer.weight, keep)
+    return keep
 
 
 def _prune_without_calibration(method, model, targets, sparsity, pattern, block_sparsity):

@@ -1,4 +1,4 @@
-"""SparseGPT (Frantar & Alistarh 2023): OBS-style pruning with a weight update (METHOD.md, section 7).
+"""SparseGPT (Frantar & Alistarh 2023): OBS-style pruning with a weight update (docs/METHOD.md, section 7).
 
 For one layer with inputs X (in_features x tokens) the layer-wise problem is
 min ||WX − ŴX||²_F over Ŵ with the sparsity pattern. With H = 2XXᵀ/n (+ damping) and the upper

@@ -1,4 +1,4 @@
-"""Wanda (Sun et al. 2023): prune by |W_ij| · ||X_j||_2, compared within each output row (METHOD.md, section 7).
+"""Wanda (Sun et al. 2023): prune by |W_ij| · ||X_j||_2, compared within each output row (docs/METHOD.md, section 7).
 
 No weight update: the score only reweights magnitude by how large each input feature is on the
 calibration tokens, so features with large activations keep more of their weights.
@@ -40,14 +40,13 @@ class WandaConfig:
 
     def prune_weight(self, weight: torch.Tensor, stat: ColumnNorms, sparsity: float,
                      pattern: SparsityPattern) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pruned weight, keep-mask), both (out_features, in_features)."""
+        """(weight, keep-mask), both (out_features, in_features); the caller zeroes the pruned entries."""
         score = wanda_scores(weight, stat.norms())
         if pattern.kind == "unstructured" and self.comparison == "row":
             keep = row_balanced_keep_mask(score, sparsity)
         else:
             keep = keep_mask(score, sparsity, pattern)
-        # masked_fill, not mul: pruned negative weights become +0.0, not -0.0 (as pilot_hf.wrapping does).
-        return weight.masked_fill(~keep, 0.0), keep
+        return weight, keep
 
 
 class ColumnNorms(InputStatistic):

@@ -1,0 +1,31 @@
+"""`pilot-hf evaluate`: held-out perplexity of a model (dense, sparse or compressed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..evaluation import EvalArguments, evaluate_model
+from ..loading import ModelArguments, check_model_source, load_model
+from ..runs import write_json
+from .arguments import EvaluateArguments
+
+HELP = "Held-out perplexity of a model."
+ARGUMENTS = (ModelArguments, EvalArguments, EvaluateArguments)
+
+
+def run(model_args: ModelArguments, eval_args: EvalArguments, args: EvaluateArguments, argv=()) -> dict:
+    out = Path(args.output_file).expanduser() if args.output_file else None
+    if out is not None and not out.parent.is_dir():
+        raise ValueError(f"--output_file {out}: the folder {out.parent} does not exist; create it or write elsewhere.")
+    if out is not None and out.is_dir():
+        raise ValueError(f"--output_file {out} is a folder; give a file name (e.g. {out / 'eval.json'}).")
+    check_model_source(model_args)
+    eval_args.check_sources()
+    model, tokenizer = load_model(model_args)
+    results = evaluate_model(model, tokenizer, eval_args)
+    print("| text | perplexity | tokens | tokens/s |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['perplexity']:.3f} | {r['tokens_scored']} | {r['tokens_per_s']:.0f} |")
+    if out is not None:
+        write_json(out, results)
+    return results

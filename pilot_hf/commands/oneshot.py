@@ -1,0 +1,52 @@
+"""`pilot-hf oneshot`: prune with magnitude, Wanda or SparseGPT (no training), evaluate, save."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from ..data import calibration_samples
+from ..evaluation import EvalArguments, evaluate_model
+from ..hub import card_info_for_run, write_model_card
+from ..loading import ModelArguments, base_model_id, check_model_source, load_model
+from ..oneshot import OneShotArguments, oneshot_prune
+from ..runs import OutputFolder, write_json
+from .arguments import OutputArguments
+from .report import card_results, run_record, summary_table
+
+HELP = "One-shot pruning (magnitude, Wanda, SparseGPT), evaluate and save."
+ARGUMENTS = (ModelArguments, OneShotArguments, EvalArguments, OutputArguments)
+
+
+def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalArguments,
+        out_args: OutputArguments, argv: list[str] = ()) -> dict:
+    start = time.perf_counter()
+    output = OutputFolder(out_args.output_dir, out_args.overwrite_output_dir)
+    check_model_source(model_args)
+    os_args.check_sources()
+    eval_args.check_sources()
+    with output:
+        model, tokenizer = load_model(model_args)
+        dense = None if eval_args.skip_dense_eval else evaluate_model(model, tokenizer, eval_args)
+        calibration = None
+        if os_args.calibrates:
+            calibration = calibration_samples(tokenizer, os_args.calibration_data(), os_args.num_calibration_samples,
+                                              os_args.calibration_seqlen, seed=os_args.seed)
+        report = oneshot_prune(model, calibration, method=os_args.method, sparsity=os_args.sparsity,
+                               pattern=os_args.sparsity_pattern)
+        model.save_pretrained(output.staging)
+        tokenizer.save_pretrained(output.staging)
+        sparse = evaluate_model(model, tokenizer, eval_args)
+        metrics = {"dense": dense, "sparse": sparse, "prune_time_s": report.prune_time_s,
+                   "elapsed_s": time.perf_counter() - start}
+        record = run_record("oneshot", argv, model=asdict(model_args), eval=asdict(eval_args),
+                            settings=os_args.run_settings())
+        sparsity_report = {"layers": report.layers, "total": report.total}
+        write_json(output.staging / "sparsity_report.json", sparsity_report)
+        write_json(output.staging / "metrics.json", metrics)
+        write_json(output.staging / "run_config.json", record)
+        write_model_card(output.staging, card_info_for_run(
+            record["settings"], sparsity_report, base_model=base_model_id(model_args, model),
+            results=card_results(dense, sparse), command=record["command"]))
+    print(summary_table(dense, sparse, report.total["sparsity"], output.final, time.perf_counter() - start))
+    return metrics

@@ -1,0 +1,120 @@
+"""Load the causal LM to compress: a local folder, a compressed pilot-hf folder, a Hub id, or the offline demo.
+
+Everything that can be checked without reading weights (the path, the Hub being reachable, the config
+describing a causal LM) is checked first, so a wrong model fails in a second, not after minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .assets import DEMO_MODEL, is_offline, load_demo_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Class-name endings of Transformers' causal-LM heads (LlamaForCausalLM, GPT2LMHeadModel, ...).
+_CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to compress."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": f"A local model folder, a Hub id, or '{DEMO_MODEL}' (the offline SmolLM2-135M-Instruct, the "
+                "default)."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Weights dtype to load: float32 (default; use --bf16 for mixed-precision training), bfloat16 or "
+                "float16."})
+    revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; use one of {sorted(DTYPES)}.")
+
+    @property
+    def name(self) -> str:
+        return self.model_name_or_path or DEMO_MODEL
+
+
+def check_model_source(args: ModelArguments) -> None:
+    """Fail fast (ValueError) unless the model can be found and is a causal LM; reads no weights."""
+    name = args.name
+    if name == DEMO_MODEL:
+        from .assets import demo_model_file
+
+        try:
+            demo_model_file()
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a model folder (no config.json). Give a folder written by "
+                             f"save_pretrained, a Hub id, or '{DEMO_MODEL}'.")
+        check_causal_lm(path)
+        return
+    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or not _HUB_ID.match(name):
+        raise ValueError(f"model path {name!r} does not exist. Give an existing model folder, a Hub id "
+                         f"(namespace/name), or '{DEMO_MODEL}'.")
+    if is_offline():
+        raise ValueError(f"{name!r} is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1). "
+                         f"Download it elsewhere and pass its local folder, or use '{DEMO_MODEL}'.")
+
+
+def check_causal_lm(path: str | Path) -> None:
+    """ValueError if the config at `path` describes no causal LM (e.g. a BERT encoder): loading it with
+    AutoModelForCausalLM would bolt on a fresh, untrained head and give meaningless perplexities."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"cannot read the model config in {path}: {err}") from None
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder",
+                                                                                     False)
+    if architectures:
+        causal = causal and any(a.endswith(_CAUSAL_HEADS) for a in architectures)
+    if not causal:
+        what = ", ".join(architectures) or config.model_type
+        raise ValueError(f"{path} holds a {what} model, which is not a causal (decoder-only) language model; "
+                         "pilot-hf compresses causal LMs (Llama, Qwen, Mistral, GPT-2, ...). Give a model "
+                         "saved with AutoModelForCausalLM.")
+
+
+def load_model(args: ModelArguments):
+    """(model, tokenizer) from a local folder, a compressed pilot-hf folder, the Hub, or the demo model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_source(args)
+    name, dtype = args.name, DTYPES[args.dtype]
+    if name == DEMO_MODEL:
+        return load_demo_model(dtype)
+    path = Path(name).expanduser()
+    if path.exists():
+        from .serialization import is_compressed, load_compressed
+
+        model = load_compressed(path, dtype=dtype) if is_compressed(path) else \
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(args.tokenizer_name or path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=args.revision)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or name, revision=args.revision)
+    except OSError as err:
+        raise ValueError(f"could not load {name!r} from the Hugging Face Hub ({err}). Check the id and your "
+                         f"network; offline, pass a local folder or '{DEMO_MODEL}'.") from err
+    return model, tokenizer
+
+
+def base_model_id(args: ModelArguments, model) -> str:
+    """The base model's name for cards: the Hub id it came from, else what the user gave."""
+    return getattr(model.config, "name_or_path", None) or args.name

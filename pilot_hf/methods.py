@@ -1,0 +1,101 @@
+"""One method vocabulary for the trainer, one-shot pruning, the sweep, logs, model cards and docs.
+
+- `dense`: the unpruned model, and nothing else (a sweep's reference row).
+- One-shot methods prune without training: `magnitude`, `wanda`, `sparsegpt`.
+- Trained methods: `pilot` (mask ⊙ weight, PILoT init, adaptive α), its ablations `spred` (balanced init,
+  constant α) and `l1` (explicit L1 on the plain weights), and `finetune` (plain fine-tuning, then magnitude
+  pruning: the control every regularizer must beat).
+- A trained method may start from a one-shot solution instead of the dense model: its *warm start*
+  (`warm_start="wanda"`; the paper's x_init, docs/METHOD.md section 2). A sweep writes such a cell as
+  `pilot+wanda`: method `pilot`, warm start `wanda`. Pruned weights start at 0 and may regrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DENSE = "dense"
+ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
+TRAINED_METHODS = ("pilot", "spred", "l1", "finetune")
+WARM_STARTS = ONESHOT_METHODS
+CALIBRATED_METHODS = ("wanda", "sparsegpt")  # need calibration activations
+
+# Model-card title and description of each method.
+DESCRIPTIONS = {
+    "pilot": ("PILoT (implicit sparsification)",
+              "Every pruned linear layer was trained as a product `mask ⊙ weight` under PILoT's time-varying "
+              "regularization, which steers the product towards sparse solutions (Jacobs & Burkholz, *Mask in "
+              "the Mirror: Implicit Sparsification*, ICLR 2025). The entries with the smallest |mask ⊙ weight| "
+              "were then set to zero and mask and weight merged back into one ordinary weight."),
+    "spred": ("spred (ablation of PILoT)",
+              "Trained as `mask ⊙ weight` from the balanced initialization with a constant L2 penalty (an explicit "
+              "L1 solver, Ziyin & Wang 2023), then pruned by |mask ⊙ weight|."),
+    "l1": ("Explicit L1 (ablation of PILoT)",
+           "Trained with an L1 penalty on the plain weights under PILoT's α schedule, then pruned by magnitude."),
+    "finetune": ("Fine-tuning, then magnitude pruning",
+                 "Plain fine-tuning of the weights, then the smallest |weight| were set to zero."),
+    "magnitude": ("Magnitude pruning (one-shot)",
+                  "The weights with the smallest absolute values were set to zero, without retraining."),
+    "wanda": ("Wanda (one-shot)",
+              "Weights were ranked by |weight| x the norm of their input activations on calibration data, "
+              "and the lowest were set to zero, without retraining."),
+    "sparsegpt": ("SparseGPT (one-shot)",
+                  "Weights were pruned layer by layer with SparseGPT's second-order reconstruction on "
+                  "calibration data."),
+}
+
+
+def check_trained_method(method: str) -> str:
+    if method == "dense":  # the name this method had before 0.2
+        raise ValueError("method='dense' is now called 'finetune' (plain fine-tuning, then magnitude pruning); "
+                         "'dense' only names the unpruned model.")
+    if method not in TRAINED_METHODS:
+        raise ValueError(f"method={method!r}; use one of {TRAINED_METHODS}.")
+    return method
+
+
+def check_warm_start(warm_start: str | None) -> str | None:
+    if warm_start is not None and warm_start not in WARM_STARTS:
+        raise ValueError(f"warm_start={warm_start!r}; use one of {WARM_STARTS} (or leave it unset to start from "
+                         "the dense model).")
+    return warm_start
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as a sweep names it: 'dense', a one-shot method, a trained method, or 'trained+warm_start'."""
+
+    name: str
+    warm_start: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> MethodSpec:
+        name, _, warm = str(spec).partition("+")
+        known = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS)
+        if name not in known or (warm and name not in TRAINED_METHODS):
+            examples = ", ".join([*known, "pilot+wanda"])
+            raise ValueError(f"unknown method {spec!r}; choose among {examples} (a trained method may start "
+                             f"from a one-shot one: '<trained>+<{'|'.join(WARM_STARTS)}>').")
+        if warm:
+            check_warm_start(warm)
+        return cls(name, warm or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}+{self.warm_start}" if self.warm_start else self.name
+
+    @property
+    def trained(self) -> bool:
+        return self.name in TRAINED_METHODS
+
+    @property
+    def oneshot(self) -> str | None:
+        """The one-shot method this cell prunes with first (itself, or its warm start), if any."""
+        return self.name if self.name in ONESHOT_METHODS else self.warm_start
+
+    @property
+    def calibrates(self) -> bool:
+        return self.oneshot in CALIBRATED_METHODS
+
+
+ALL_METHODS = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS,
+               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))
