@@ -1,7 +1,7 @@
 """Compressed sparse checkpoints: a packed bitmask and the non-zero values per sparse weight, in safetensors.
 
 Dense safetensors (`model.save_pretrained`) stays the default everywhere; this module is the opt-in
-smaller format for pruned models. Format version 1, for a checkpoint weight `K` (a key ending in
+smaller format for pruned models. Format version 2, for a checkpoint weight `K` (a key ending in
 `.weight`) of shape S, dtype D and n = prod(S) entries, of which nnz are numerically non-zero:
 
     K_bitmask     uint8[ceil(n / 8)]          bit i = 1 <=> entry i (row-major) is != 0; bit order
@@ -17,12 +17,32 @@ Every other tensor is stored exactly as `save_pretrained` wrote it. A weight is 
 is a 2-D floating tensor named like a model parameter and the parts take at most (1 - min_saving) of
 its dense bytes. `config.json` gets a `quantization_config` entry:
 
-    {"quant_method": "pilot_sparse", "format_version": 1, "bit_order": "little",
-     "compressed_weights": [sorted keys K], "dequantize": true}
+    {"quant_method": "pilot_sparse", "format_version": 2, "bit_order": "little",
+     "compressed_weights": [sorted keys K], "dequantize": true,
+     "digests": {K: sha256 hex digest of the dense tensor K}}
+
+The digest is sha256 over the exact bytes of the dense tensor the parts expand to: row-major, in its
+stored dtype D, little-endian as safetensors stores it (so it covers NaN payloads and the zero signs;
+with keep_zero_signs=False it is the digest of the tensor with every -0.0 read back as +0.0). Every
+loader expands a weight, hashes it once and refuses it on a mismatch (CorruptCheckpointError): a
+flipped byte in `K_values` or a bitmask whose bits moved without changing the popcount passes the
+structural checks but not the digest. Dense (uncompressed) tensors carry no digest.
+
+Why the digests live in config.json and not in the safetensors metadata: every load path reads
+config.json before any tensor, and Transformers hands it to the quantizer as its config object, so the
+digest is at hand where each weight is expanded without reopening files; there is one table for all
+shards (the metadata is per shard); and a digest stored apart from the weight file cannot be damaged
+together with it (a damaged safetensors header loses its metadata too). The cost is ~110 bytes of
+JSON per compressed weight (about 25 KB for SmolLM2-135M's 210 linears; hashing adds ~15% to a load).
+
+Format version 1 is version 2 without `digests`: it still loads, with a warning that nothing checks
+its values. A version-2 checkpoint must carry a digest for every compressed weight.
 
 Loading expands every weight back to the exact dense tensor (a plain Transformers model, no special
 modules): `load_compressed(path)`, or `AutoModelForCausalLM.from_pretrained(path)` once `pilot_hf` is
-imported (registered as a Transformers quantization method that decompresses at load time).
+imported (registered as a Transformers quantization method that decompresses at load time; the
+registration lives in `pilot_hf._transformers_sparse`, the only module that imports private
+Transformers APIs, and a Transformers that lacks them only disables that route, with a warning).
 
 Why zero signs: pruning by `weight.mul_(keep)` leaves -0.0 at about half of the pruned entries. The
 bitmask treats -0.0 as zero; restoring it as +0.0 would change those bits, so the signs are kept
@@ -32,26 +52,27 @@ value still compares equal (-0.0 == 0.0) and logits are unchanged, but those bit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from transformers.core_model_loading import ConversionOps
-from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "pilot_sparse"  # the `quant_method` in config.json
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 digest per compressed weight in quantization_config["digests"]
 BIT_ORDER = "little"
 BITMASK, VALUES, SHAPE, ZERO_SIGNS = "_bitmask", "_values", "_shape", "_zero_signs"
 PART_SUFFIXES = (BITMASK, VALUES, SHAPE, ZERO_SIGNS)
@@ -66,7 +87,7 @@ _POPCOUNT = torch.tensor([i.bit_count() for i in range(256)], dtype=torch.int64)
 
 
 class CorruptCheckpointError(ValueError):
-    """A compressed tensor or file is inconsistent (bad lengths, counts, truncated file): never loaded."""
+    """A compressed tensor or file is inconsistent (bad lengths, counts, digest, truncated file): never loaded."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,6 +186,44 @@ def stored_nbytes(parts: dict[str, torch.Tensor]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Digests
+# ----------------------------------------------------------------------------------------------------
+
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 hex digest of a tensor's exact bytes: row-major, in its own dtype (little-endian, as in
+    safetensors). hashlib reads a contiguous CPU byte view: no float conversion, no copy on CPU."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+
+
+def expected_digest(tensor: torch.Tensor, keep_zero_signs: bool = True) -> str:
+    """The digest of the tensor that `compress_tensor(tensor, keep_zero_signs)` expands back to."""
+    if not keep_zero_signs:  # the zero signs are dropped: -0.0 reads back +0.0
+        tensor = torch.where(tensor == 0, torch.zeros_like(tensor), tensor)
+    return tensor_digest(tensor)
+
+
+def check_digest(name: str, dense: torch.Tensor, digests: dict[str, str] | None) -> None:
+    """Refuse an expanded weight whose bytes do not hash to its recorded digest (no-op for version 1,
+    which records none). The structural checks cannot see a changed value or moved bitmask bits."""
+    if digests is None:
+        return
+    expected = digests.get(name)
+    if expected is None:
+        raise CorruptCheckpointError(f"{name}: config.json records no digest for this compressed weight, so it "
+                                     "cannot be checked; the checkpoint is corrupt. Re-download or re-write it.")
+    actual = tensor_digest(dense)
+    if actual != expected:
+        raise CorruptCheckpointError(
+            f"{name}: the expanded weight does not match its sha256 digest in config.json (expected "
+            f"{expected[:16]}..., got {actual[:16]}...): the checkpoint file is corrupt. Re-download it, or "
+            "re-write it from the dense model (save_compressed / compress_checkpoint).")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoint folders
 # ----------------------------------------------------------------------------------------------------
 
@@ -193,15 +252,42 @@ def _read_config(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def parse_compression_config(qc: dict) -> dict:
+    """Check a pilot_sparse `quantization_config` and return it with every field: quant_method,
+    format_version, bit_order, compressed_weights, dequantize, digests (None when absent, as in version 1).
+    Unknown extra keys are ignored. Whether the digests cover the compressed weights is verify_compressed's job."""
+    method = qc.get("quant_method", FORMAT_NAME)
+    if method != FORMAT_NAME:
+        raise ValueError(f"quant_method {method!r} is not {FORMAT_NAME!r}.")
+    version = int(qc.get("format_version", FORMAT_VERSION))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"this checkpoint uses pilot_sparse format version {version}; this pilot-hf "
+                         f"reads up to version {FORMAT_VERSION}. Upgrade pilot-hf.")
+    bit_order = qc.get("bit_order", BIT_ORDER)
+    if bit_order != BIT_ORDER:
+        raise ValueError(f"pilot_sparse bit_order {bit_order!r} is not supported (only {BIT_ORDER!r}).")
+    if not qc.get("dequantize", True):
+        raise ValueError("pilot_sparse checkpoints always load as dense weights; dequantize must be True.")
+    digests = qc.get("digests")
+    if digests is not None and not (isinstance(digests, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and _HEX_DIGEST.fullmatch(v) for k, v in digests.items())):
+        raise CorruptCheckpointError("config.json: quantization_config.digests must map weight names to sha256 hex "
+                                     "digests; the checkpoint is corrupt. Re-download or re-write it.")
+    return {"quant_method": FORMAT_NAME, "format_version": version, "bit_order": bit_order,
+            "compressed_weights": list(qc.get("compressed_weights") or []), "dequantize": True,
+            "digests": dict(digests) if digests is not None else None}
+
+
 def compression_config(folder: str | os.PathLike) -> dict | None:
-    """The `quantization_config` of a compressed checkpoint folder, None for a plain (dense) one."""
+    """The `quantization_config` of a compressed checkpoint folder (checked, see parse_compression_config),
+    None for a plain (dense) one."""
     qc = _read_config(Path(folder)).get("quantization_config")
     if not qc:
         return None
     if qc.get("quant_method") != FORMAT_NAME:
         raise ValueError(f"{folder} is quantized with {qc.get('quant_method')!r}, not a pilot-hf checkpoint; "
                          "load it with transformers directly.")
-    return PilotSparseConfig.from_dict(qc).to_dict()
+    return parse_compression_config(qc)
 
 
 def is_compressed(folder: str | os.PathLike) -> bool:
@@ -225,13 +311,18 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.PathLike] | None = None,
-                      compressed_weights: list[str] | None = None) -> dict[str, Any]:
+                      config: dict | None = None, *, check_digests: bool = False) -> dict[str, Any]:
     """Check every compressed weight of a checkpoint without expanding it: all parts present, bitmask
-    lengths, padding bits, value counts == popcounts, zero-sign lengths, and exactly the weights listed
-    in config.json (or `compressed_weights`). Raises CorruptCheckpointError (a ValueError) naming the
-    tensor and file. `files` defaults to the folder's weight files."""
-    if compressed_weights is None:
-        compressed_weights = (compression_config(folder) or {}).get("compressed_weights", [])
+    lengths, padding bits, value counts == popcounts, zero-sign lengths, exactly the weights listed in
+    config.json, and (format version 2) a digest for each of them. Raises CorruptCheckpointError (a
+    ValueError) naming the tensor and file. `config` is the `quantization_config` (default: the folder's
+    config.json); `files` defaults to the folder's weight files. Logs a warning for a version-1
+    checkpoint, which has no digests.
+
+    The digests themselves need the expanded weights: the loaders compare them as they expand each
+    weight. `check_digests=True` does it here too (expands one weight at a time, reads every value)."""
+    config = parse_compression_config(config) if config is not None else compression_config(folder) or {}
+    compressed_weights, digests = config.get("compressed_weights", []), config.get("digests")
     files = [Path(f) for f in files] if files is not None else weight_files(folder)
     found: dict[str, dict[str, tuple]] = {}
     for path in files:
@@ -273,7 +364,43 @@ def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.Pat
                 _check_packed(base, ZERO_SIGNS, parts[ZERO_SIGNS][3], numel - nnz)
         except CorruptCheckpointError as err:
             raise CorruptCheckpointError(f"{err} (file {path})") from None
-    return {"files": [str(p) for p in files], "compressed_weights": sorted(found)}
+    if found:
+        _check_digest_table(folder if folder is not None else files, config, sorted(found))
+    if found and digests is not None and check_digests:
+        with ExitStack() as stack:
+            paths = {part[0] for parts in found.values() for part in parts.values()}
+            handles = {path: stack.enter_context(_open(path)) for path in paths}
+            for base, parts in sorted(found.items()):
+                path = parts[VALUES][0]
+                try:
+                    tensors = {s: handles[p[0]].get_tensor(base + s) for s, p in parts.items()}
+                    check_digest(base, decompress_tensor(base, tensors), digests)
+                except SafetensorError as err:
+                    raise CorruptCheckpointError(f"{base} in {path} cannot be read ({err}).") from err
+                except CorruptCheckpointError as err:
+                    raise CorruptCheckpointError(f"{err} (file {path})") from None
+    return {"files": [str(p) for p in files], "compressed_weights": sorted(found),
+            "digests": digests is not None}  # carries digests (compared only with check_digests)
+
+
+def _check_digest_table(where, config: dict, compressed_weights: list[str]) -> None:
+    """Version 2: exactly one digest per compressed weight. Version 1 (no digests): a warning."""
+    digests = config.get("digests")
+    if digests is None:
+        if config.get("format_version", FORMAT_VERSION) >= 2:
+            raise CorruptCheckpointError(f"{where}: config.json is pilot_sparse format version "
+                                         f"{config['format_version']} but has no digests; the checkpoint is corrupt. "
+                                         "Re-download or re-write it.")
+        logger.warning("%s is a pilot_sparse format version 1 checkpoint: it carries no checksums, so a damaged value "
+                       "or bitmask would load unnoticed. Re-write it with save_compressed / compress_checkpoint to "
+                       "add them.", where)
+        return
+    missing, extra = set(compressed_weights) - set(digests), set(digests) - set(compressed_weights)
+    if missing or extra:
+        raise CorruptCheckpointError(
+            f"{where}: config.json's digests do not match the compressed weights (no digest for "
+            f"{sorted(missing)[:5]}, digests of unknown weights {sorted(extra)[:5]}); the checkpoint is corrupt. "
+            "Re-download or re-write it.")
 
 
 _SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -282,7 +409,9 @@ _SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 def load_compressed_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, compressed weights expanded to exact dense tensors (checked)."""
     folder = Path(folder)
-    compressed = bool(verify_compressed(folder)["compressed_weights"])
+    config = compression_config(folder)
+    compressed = bool(verify_compressed(folder, config=config or {})["compressed_weights"])
+    digests = (config or {}).get("digests")
     state_dict: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for path in weight_files(folder):
@@ -298,7 +427,9 @@ def load_compressed_state_dict(folder: str | os.PathLike) -> dict[str, torch.Ten
                 else:
                     parts.setdefault(split[0], {})[split[1]] = tensor
     for base, p in parts.items():
-        state_dict[base] = decompress_tensor(base, p)
+        dense = decompress_tensor(base, p)
+        check_digest(base, dense, digests)  # once per weight, on the tensor we return
+        state_dict[base] = dense
     return state_dict
 
 
@@ -345,6 +476,7 @@ def compress_checkpoint(src_dir: str | os.PathLike, output_dir: str | os.PathLik
             shutil.copy2(item, out / item.name)
 
     stats: dict[str, Any] = {"weights": {}, "dense_bytes": 0, "stored_bytes": 0}
+    digests: dict[str, str] = {}
     weight_map: dict[str, str] = {}
     for path in files:
         tensors: dict[str, torch.Tensor] = {}
@@ -369,6 +501,8 @@ def compress_checkpoint(src_dir: str | os.PathLike, output_dir: str | os.PathLik
                                          "sparsity": 1 - nnz / tensor.numel(), "dense_bytes": dense_bytes,
                                          "stored_bytes": stored_nbytes(parts),
                                          "zero_signs": ZERO_SIGNS in parts}
+                # Hash the tensor we mean to store, not our expansion of the parts: a packing bug is caught too.
+                digests[key] = expected_digest(tensor, keep_zero_signs)
                 stats["stored_bytes"] += stored_nbytes(parts)
                 for suffix, part in parts.items():
                     tensors[key + suffix] = part
@@ -382,8 +516,10 @@ def compress_checkpoint(src_dir: str | os.PathLike, output_dir: str | os.PathLik
         index.setdefault("metadata", {})["total_size"] = stats["stored_bytes"]
         (out / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     if stats["weights"]:
-        config["quantization_config"] = PilotSparseConfig(
-            compressed_weights=sorted(stats["weights"])).to_dict()
+        config["quantization_config"] = {
+            "quant_method": FORMAT_NAME, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
+            "compressed_weights": sorted(stats["weights"]), "dequantize": True,
+            "digests": dict(sorted(digests.items()))}
     else:
         logger.info("no weight of %s is sparse enough to pay for a bitmask; wrote a plain dense checkpoint.", src)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -450,107 +586,40 @@ def load_compressed(path: str | os.PathLike, **from_pretrained_kwargs):
 # Transformers integration: `AutoModelForCausalLM.from_pretrained(path)` after `import pilot_hf`
 # ----------------------------------------------------------------------------------------------------
 
-class PilotSparseConfig(QuantizationConfigMixin):
-    """The `quantization_config` of a compressed checkpoint. Loading always expands to dense weights
-    (`dequantize` is always True): the loaded model is a plain Transformers model."""
-
-    def __init__(self, format_version: int = FORMAT_VERSION, bit_order: str = BIT_ORDER,
-                 compressed_weights: list[str] | None = None, dequantize: bool = True, **kwargs):
-        method = kwargs.pop("quant_method", FORMAT_NAME)
-        if method != FORMAT_NAME:
-            raise ValueError(f"quant_method {method!r} is not {FORMAT_NAME!r}.")
-        if int(format_version) > FORMAT_VERSION:
-            raise ValueError(f"this checkpoint uses pilot_sparse format version {format_version}; this pilot-hf "
-                             f"reads up to version {FORMAT_VERSION}. Upgrade pilot-hf.")
-        if bit_order != BIT_ORDER:
-            raise ValueError(f"pilot_sparse bit_order {bit_order!r} is not supported (only {BIT_ORDER!r}).")
-        if not dequantize:
-            raise ValueError("pilot_sparse checkpoints always load as dense weights; dequantize must be True.")
-        self.quant_method = FORMAT_NAME
-        self.format_version = int(format_version)
-        self.bit_order = bit_order
-        self.compressed_weights = list(compressed_weights or [])
-        self.dequantize = True
+_TRANSFORMERS_NAMES = ("PilotSparseConfig", "PilotSparseDecompress", "PilotSparseHfQuantizer",
+                       "register_with_transformers")
 
 
-class PilotSparseDecompress(ConversionOps):
-    """Load operation: the collected parts of one weight -> the exact dense weight, in the param's dtype."""
+def _register_with_transformers() -> bool:
+    """Register pilot_sparse with Transformers' from_pretrained without ever failing `import pilot_hf`: the
+    quantizer needs private Transformers APIs (see _transformers_sparse) that a release may rename, and
+    training, saving and load_compressed need none of them."""
+    try:
+        from . import _transformers_sparse
 
-    def __init__(self, hf_quantizer):
-        self.hf_quantizer = hf_quantizer  # marks this op as reading raw checkpoint tensors (no dtype cast first)
+        return _transformers_sparse.register_with_transformers()
+    except (ImportError, AttributeError, TypeError) as err:
+        try:
+            from importlib.metadata import version
 
-    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
-                **kwargs):
-        parts = {}
-        for pattern, tensors in input_dict.items():
-            suffix = pattern[len("weight"):]
-            if suffix not in PART_SUFFIXES or len(tensors) != 1:
-                raise CorruptCheckpointError(f"{full_layer_name}: unexpected checkpoint entries {pattern!r} "
-                                             f"x{len(tensors)}.")
-            parts[suffix] = tensors[0]
-        dense = decompress_tensor(full_layer_name or "weight", parts)
-        if model is not None and full_layer_name is not None:
-            try:
-                dense = dense.to(model.get_parameter(full_layer_name).dtype)
-            except AttributeError:
-                pass
-        return {"weight": dense}
-
-
-class PilotSparseHfQuantizer(HfQuantizer):
-    """Reads pilot_sparse checkpoints: checks the files before loading, then expands each compressed
-    weight with `PilotSparseDecompress` as Transformers streams the checkpoint in. Nothing is quantized:
-    the model keeps its ordinary modules and ends up without a quantization_config."""
-
-    requires_calibration = False
-    serialized_names: ClassVar[dict[str, list[str]]] = {"weight": ["weight" + s for s in PART_SUFFIXES]}
-
-    def __init__(self, quantization_config, **kwargs):
-        super().__init__(quantization_config, **kwargs)
-        if not self.pre_quantized:
-            raise ValueError("PilotSparseConfig describes a saved checkpoint and cannot compress a model on load; "
-                             "load the dense model and call pilot_hf.serialization.save_compressed(model, dir).")
-
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        if checkpoint_files:
-            verify_compressed(None, checkpoint_files, self.quantization_config.compressed_weights)
-        return model
-
-    def update_weight_conversions(self, weight_conversions, model):
-        # Compressed keys are exactly the model's own parameter names (see compress_checkpoint), so the
-        # model's converters never see them: keep those as they are and add ours for the compressed parts.
-        return list(weight_conversions) + self.get_weight_conversions()
-
-    def get_load_operations(self):
-        return {"dequantize": PilotSparseDecompress, "deserialize": PilotSparseDecompress}
-
-    def is_serializable(self):
-        return True
-
-    @property
-    def is_trainable(self):
-        return True
-
-
-def register_with_transformers() -> bool:
-    """Register pilot_sparse with Transformers' quantizer registry (idempotent). False if this
-    Transformers lacks the load-operation API (then only `load_compressed` reads these checkpoints)."""
-    from transformers.quantizers.auto import (
-        AUTO_QUANTIZATION_CONFIG_MAPPING,
-        AUTO_QUANTIZER_MAPPING,
-        register_quantization_config,
-        register_quantizer,
-    )
-
-    if not hasattr(HfQuantizer, "get_load_operations"):
-        logger.info("transformers %s has no quantizer load operations; use load_compressed().",
-                    __import__("transformers").__version__)
+            transformers_version = version("transformers")
+        except Exception:  # only for the message
+            transformers_version = "(unknown version)"
+        warnings.warn(f"pilot_sparse could not be registered with transformers {transformers_version} "
+                      f"({type(err).__name__}: {err}); AutoModelForCausalLM.from_pretrained cannot read compressed "
+                      "pilot-hf checkpoints, use pilot_hf.load_compressed(path).", stacklevel=2)
         return False
-    if FORMAT_NAME not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(FORMAT_NAME)(PilotSparseConfig)
-    if FORMAT_NAME not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(FORMAT_NAME)(PilotSparseHfQuantizer)
-    return True
 
 
-HOOK_REGISTERED = register_with_transformers()
+def __getattr__(name: str):
+    # The Transformers classes live in _transformers_sparse; still reachable here, imported on first use.
+    if name in _TRANSFORMERS_NAMES:
+        try:
+            from . import _transformers_sparse
+        except ImportError as err:
+            raise AttributeError(f"{__name__}.{name} is unavailable with this Transformers ({err}).") from err
+        return getattr(_transformers_sparse, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+HOOK_REGISTERED = _register_with_transformers()

@@ -1,7 +1,13 @@
-"""Compressed sparse checkpoints: bit-exact round trips, sizes, the from_pretrained hook, corruption."""
+"""Compressed sparse checkpoints: bit-exact round trips, sizes, the from_pretrained hook, corruption, digests."""
 
+import hashlib
 import json
+import logging
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import pilot_hf
+from pilot_hf import _transformers_sparse
 from pilot_hf import serialization as S
 
 SPARSITIES = [0.0, 0.5, "2:4", 0.9]
@@ -163,9 +170,13 @@ def test_format_on_disk(saved):
     model, _, packed = saved
     config = json.loads((packed / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "pilot_sparse" and config["bit_order"] == "little"
-    assert config["format_version"] == 1 and config["dequantize"] is True
+    assert config["format_version"] == 2 and config["dequantize"] is True
     name = "model.layers.0.mlp.up_proj.weight"
     assert name in config["compressed_weights"]
+    # One sha256 per compressed weight: of the dense tensor's bytes, row-major, in its stored dtype.
+    assert sorted(config["digests"]) == config["compressed_weights"]
+    for key in config["compressed_weights"]:
+        assert config["digests"][key] == hashlib.sha256(model.state_dict()[key].numpy().tobytes()).hexdigest()
     with safe_open(packed / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert name not in keys
@@ -184,10 +195,11 @@ def test_dropping_zero_signs_is_smaller_and_numerically_equal(tmp_path):
     dropped = S.save_compressed(model, tmp_path / "dropped", keep_zero_signs=False)
     assert any(w["zero_signs"] for w in kept["weights"].values())
     assert dropped["stored_bytes"] < kept["stored_bytes"]
-    loaded = S.load_compressed(tmp_path / "dropped").state_dict()
-    for name, ref in model.state_dict().items():
-        assert torch.equal(loaded[name], ref), name  # -0.0 == 0.0
-        assert not torch.signbit(loaded[name][loaded[name] == 0]).any()
+    for loaded in (S.load_compressed(tmp_path / "dropped").state_dict(),  # digests of the +0.0 tensors match
+                   T.AutoModelForCausalLM.from_pretrained(tmp_path / "dropped").state_dict()):
+        for name, ref in model.state_dict().items():
+            assert torch.equal(loaded[name], ref), name  # -0.0 == 0.0
+            assert not torch.signbit(loaded[name][loaded[name] == 0]).any()
 
 
 def test_tokenizer_and_extra_files_are_copied(tmp_path):
@@ -328,7 +340,7 @@ def test_listed_weight_missing_from_files(saved):
 def test_newer_format_version_is_refused(saved):
     _, _, packed = saved
     config = json.loads((packed / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 2
+    config["quantization_config"]["format_version"] = S.FORMAT_VERSION + 1
     (packed / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="Upgrade pilot-hf"):
         S.load_compressed(packed)
@@ -370,4 +382,229 @@ def test_import_pilot_hf_registers_the_format():
         pytest.skip("pilot_hf/__init__.py does not import pilot_hf.serialization yet")
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    assert S.HOOK_REGISTERED and AUTO_QUANTIZER_MAPPING["pilot_sparse"] is S.PilotSparseHfQuantizer
+    assert S.HOOK_REGISTERED and AUTO_QUANTIZER_MAPPING["pilot_sparse"] is _transformers_sparse.PilotSparseHfQuantizer
+    assert S.PilotSparseHfQuantizer is _transformers_sparse.PilotSparseHfQuantizer  # old name still resolves
+
+
+# --- digests (format version 2) ----------------------------------------------------------------------------
+
+LOADERS = {
+    "load_compressed": lambda p: S.load_compressed(p).state_dict(),
+    "load_compressed_state_dict": S.load_compressed_state_dict,
+    "from_pretrained": lambda p: T.AutoModelForCausalLM.from_pretrained(p).state_dict(),
+}
+NO_CHECKSUMS = "carries no checksums"
+
+
+def test_tensor_digest_is_sha256_of_the_stored_bytes():
+    t = torch.tensor([[0.0, -0.0, 1.5, float("nan")], [float("inf"), -2.0, -0.0, 0.0]], dtype=torch.bfloat16)
+    assert S.tensor_digest(t) == hashlib.sha256(t.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert S.tensor_digest(t.T) == S.tensor_digest(t.T.contiguous())  # row-major, whatever the strides
+    # -0.0 is part of the bytes: the digest tells it from +0.0, unless the zero signs are dropped on purpose.
+    positive = torch.where(t == 0, torch.zeros_like(t), t)
+    assert S.tensor_digest(t) != S.tensor_digest(positive)
+    assert S.expected_digest(t) == S.tensor_digest(S.decompress_tensor("w", S.compress_tensor(t)))
+    dropped = S.decompress_tensor("w", S.compress_tensor(t, keep_zero_signs=False))
+    assert S.expected_digest(t, keep_zero_signs=False) == S.tensor_digest(dropped) == S.tensor_digest(positive)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_intact_checkpoint_loads_bit_exact_without_warning(saved, loader, caplog):
+    model, _, packed = saved
+    assert torch.signbit(model.state_dict()[NAME][model.state_dict()[NAME] == 0]).any()  # has -0.0 to check
+    with caplog.at_level(logging.WARNING):
+        assert_bit_exact(model.state_dict(), LOADERS[loader](packed))
+    assert NO_CHECKSUMS not in caplog.text
+    report = S.verify_compressed(packed, check_digests=True)
+    assert report["digests"] and NAME in report["compressed_weights"]
+
+
+def _flip_value_byte(t):
+    values = t[NAME + "_values"].clone()
+    values.view(torch.uint8)[5] ^= 0xFF  # one byte of the second value
+    t[NAME + "_values"] = values
+
+
+def _swap_mask_bits(t):
+    mask = t[NAME + "_bitmask"]
+    n = math.prod(t[NAME + "_shape"].tolist())
+    flags = S.unpack_bits(mask, n)
+    on, off = int(flags.nonzero()[0]), int((~flags).nonzero()[0])
+    flags[on], flags[off] = False, True  # a value moves to another entry: same popcount, same padding
+    swapped = S.pack_bits(flags)
+    assert swapped.shape == mask.shape and S._popcount(swapped) == S._popcount(mask) and not torch.equal(swapped, mask)
+    t[NAME + "_bitmask"] = swapped
+
+
+def _flip_zero_sign(t):
+    signs = t[NAME + "_zero_signs"].clone()
+    signs[0] ^= 1  # the first zero of the weight changes sign: +0.0 <-> -0.0
+    t[NAME + "_zero_signs"] = signs
+
+
+SILENT_CORRUPTIONS = {"value byte flipped": _flip_value_byte, "bitmask bits swapped": _swap_mask_bits,
+                      "zero sign flipped": _flip_zero_sign}
+
+
+@pytest.mark.parametrize("loader", [*LOADERS, "verify_compressed"])
+@pytest.mark.parametrize("corruption", SILENT_CORRUPTIONS)
+def test_corruption_only_the_digest_sees_is_refused(saved, corruption, loader):
+    _, _, packed = saved
+    _rewrite(packed, SILENT_CORRUPTIONS[corruption])
+    S.verify_compressed(packed)  # every structural check still passes: only the digest tells
+    message = rf"{re.escape(NAME)}: .*sha256 digest.*corrupt.*Re-download"
+    with pytest.raises(S.CorruptCheckpointError, match=message):
+        if loader == "verify_compressed":
+            S.verify_compressed(packed, check_digests=True)
+        else:
+            LOADERS[loader](packed)
+
+
+def _write_v1(packed):
+    """What pilot-hf wrote before digests: format version 1, no `digests`."""
+    config = json.loads((packed / "config.json").read_text())
+    del config["quantization_config"]["digests"]
+    config["quantization_config"]["format_version"] = 1
+    (packed / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_version_1_checkpoint_loads_with_one_warning(saved, loader, caplog):
+    model, _, packed = saved
+    _write_v1(packed)
+    with caplog.at_level(logging.WARNING, logger="pilot_hf.serialization"):
+        assert_bit_exact(model.state_dict(), LOADERS[loader](packed))
+    warned = [r for r in caplog.records if NO_CHECKSUMS in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING and "version 1" in warned[0].getMessage()
+
+
+def _no_digests(qc):
+    del qc["digests"]
+
+
+def _digest_missing(qc):
+    del qc["digests"][NAME]
+
+
+def _digest_extra(qc):
+    qc["digests"]["model.layers.9.mlp.up_proj.weight"] = "0" * 64
+
+
+def _digest_malformed(qc):
+    qc["digests"][NAME] = "not-a-digest"
+
+
+BAD_DIGEST_TABLES = {"version 2 without digests": (_no_digests, "has no digests"),
+                     "a weight without digest": (_digest_missing, "do not match"),
+                     "digest of an unknown weight": (_digest_extra, "do not match"),
+                     "malformed digest": (_digest_malformed, "sha256 hex")}
+
+
+@pytest.mark.parametrize("table", BAD_DIGEST_TABLES)
+def test_bad_digest_table_is_refused(saved, table):
+    _, _, packed = saved
+    edit, message = BAD_DIGEST_TABLES[table]
+    config = json.loads((packed / "config.json").read_text())
+    edit(config["quantization_config"])
+    (packed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(S.CorruptCheckpointError, match=message):
+        S.load_compressed(packed)
+    with pytest.raises(ValueError, match=message):
+        T.AutoModelForCausalLM.from_pretrained(packed)
+
+
+# --- the Transformers integration is optional -----------------------------------------------------------
+
+PRIVATE_TRANSFORMERS = ("transformers.core_model_loading", "transformers.quantizers",
+                        "transformers.utils.quantization_config")
+
+
+def test_serialization_imports_only_public_transformers():
+    """Private Transformers modules are imported only by _transformers_sparse, behind the import guard."""
+    import ast
+
+    imported = set()
+    for node in ast.walk(ast.parse(Path(S.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    private = sorted(m for m in imported if m.startswith(PRIVATE_TRANSFORMERS))
+    assert not private, f"serialization.py imports private Transformers modules: {private}"
+
+
+@pytest.mark.parametrize("error", [ImportError, AttributeError, TypeError])
+def test_failed_registration_warns_instead_of_raising(monkeypatch, error):
+    def broken():
+        raise error("renamed in this release")
+
+    monkeypatch.setattr(_transformers_sparse, "register_with_transformers", broken)
+    message = (r"pilot_sparse could not be registered with transformers \S+ "
+               rf"\({error.__name__}: renamed in this release\); "
+               r"AutoModelForCausalLM.from_pretrained cannot read .*pilot_hf.load_compressed\(path\)")
+    with pytest.warns(UserWarning, match=message):
+        assert S._register_with_transformers() is False
+
+
+def test_transformers_without_load_operations_is_not_registered(monkeypatch):
+    from transformers.quantizers.base import HfQuantizer
+
+    monkeypatch.delattr(HfQuantizer, "get_load_operations")
+    with pytest.warns(UserWarning, match="could not be registered.*get_load_operations"):
+        assert S._register_with_transformers() is False
+
+
+NO_HOOK_SCRIPT = """
+import builtins, sys, warnings
+import transformers
+
+real_import = builtins.__import__
+
+
+def import_as_after_a_rename(name, globals=None, locals=None, fromlist=(), level=0):
+    # Only pilot_hf loses the module. (sys.modules[name] = None would not do: Transformers itself imports
+    # core_model_loading lazily, e.g. with each model class, so it would break Transformers, not only us.)
+    if name == sys.argv[1] and (globals or {}).get("__name__", "").startswith("pilot_hf"):
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return real_import(name, globals, locals, fromlist, level)
+
+
+builtins.__import__ = import_as_after_a_rename
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import pilot_hf
+import torch
+from pilot_hf import serialization as S
+sys.path.insert(0, sys.argv[3])
+from conftest import tiny_inputs, tiny_model
+
+assert S.HOOK_REGISTERED is False
+warned = [str(w.message) for w in caught if "pilot_sparse could not be registered" in str(w.message)]
+assert len(warned) == 1, [str(w.message) for w in caught]
+assert f"with transformers {transformers.__version__} (" in warned[0] and sys.argv[1] in warned[0], warned[0]
+assert "use pilot_hf.load_compressed(path)" in warned[0], warned[0]
+
+model = tiny_model()
+pilot_hf.magnitude_prune(model, 0.5)
+assert pilot_hf.save_compressed(model, sys.argv[2])["weights"]
+loaded = pilot_hf.load_compressed(sys.argv[2]).state_dict()
+assert sorted(loaded) == sorted(model.state_dict())
+for name, ref in model.state_dict().items():
+    assert torch.equal(loaded[name].view(torch.int32), ref.view(torch.int32)), name
+
+wrapped = pilot_hf.wrap_model(tiny_model())
+assert pilot_hf.is_wrapped(wrapped)
+with torch.no_grad():
+    assert torch.isfinite(wrapped(tiny_inputs()).logits).all()
+print("NO-HOOK-OK")
+"""
+
+
+@pytest.mark.parametrize("module", ["transformers.core_model_loading", "transformers.quantizers.auto"])
+def test_pilot_hf_works_when_transformers_private_api_is_gone(tmp_path, module):
+    """A Transformers rename must cost only the from_pretrained route: core_model_loading fails the import of
+    _transformers_sparse, quantizers.auto fails inside register_with_transformers."""
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, "-c", NO_HOOK_SCRIPT, module, str(tmp_path / "packed"), str(tests)],
+                            cwd=tests.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "NO-HOOK-OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
