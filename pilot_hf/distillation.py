@@ -1,0 +1,368 @@
+"""Distillation from the dense teacher: logit KL and SquareHead feature losses (docs/METHOD.md, section 10).
+
+The recipe of Kurtic et al. 2023, "Sparse Fine-tuning for Inference Acceleration of Large Language Models"
+(arXiv 2310.06927): while the student is sparsified, it is also pulled towards a frozen dense teacher.
+
+Logit distillation, over the N token positions that carry a label (causal-LM shift: the logits at position i
+predict labels[i + 1]; a shifted label of -100 does not count; without labels, every position but the last):
+
+    L_logit = T² / N · Σ_i KL( softmax(z_t,i / T) ‖ softmax(z_s,i / T) )
+            = T² / N · Σ_i Σ_v p_t,iv · (log p_t,iv − log p_s,iv)
+
+z_s, z_t are the student's and teacher's logits and T the temperature. The T² factor keeps the gradient's
+scale independent of T (Hinton et al. 2015): ∂L/∂z_s,i = T / N · (p_s,i − p_t,i).
+
+Feature distillation, "SquareHead": over the outputs of the L decoder blocks (Transformers'
+`output_hidden_states=True` gives the embedding output and then one state per block; entry 0 is skipped and
+the last entry is, in Transformers' convention, the final-norm output), with the M selected token positions
+and the hidden size H:
+
+    L_feat = 1/L · Σ_l MSE(h_s^l, h_t^l) / (MSE(h_t^l, 0) + eps)
+    MSE(a, b) = 1 / (M·H) · Σ_{positions, features} (a − b)²
+
+so each layer's error is relative to that layer's mean squared teacher activation: layers whose activations
+grow by orders of magnitude with depth all weigh the same, and the loss does not change if both models' states
+are scaled by the same factor (up to eps = 1e-8, which only guards an all-zero teacher state). Averaging over
+layers rather than summing only rescales the weight.
+
+Everything is computed in float32. `Teacher` holds the frozen teacher outside the student (no nn.Module
+attribute), so it never reaches the student's parameters, state_dict, optimizer or checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 512  # positions per chunk: 512 × 49k vocab × 4 B ≈ 100 MB per float32 temporary
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ----- logit distillation ---------------------------------------------------------------------------------
+
+
+def selected_positions(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Flat indices (into logits.reshape(-1, V)) of the positions that carry a label after the causal shift."""
+    batch, length = logits.shape[:2]
+    keep = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
+    if labels is None:
+        keep[:, :-1] = True
+    else:
+        if labels.shape != (batch, length):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, the logits {tuple(logits.shape)}; "
+                             "expected labels of shape (batch, seq).")
+        keep[:, :-1] = labels[:, 1:].to(logits.device) != IGNORE_INDEX
+    return keep.reshape(-1).nonzero().squeeze(1)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Σ over the selected positions of KL(p_t ‖ p_s) at temperature T, one chunk of positions at a time.
+
+    Autograd through log_softmax would keep two float32 (N, V) tensors per chunk alive until backward
+    (≈ 6 GB for 16k positions × 49k vocab); this function saves nothing but its inputs and recomputes the
+    chunk's softmaxes in backward, so peak memory stays at a few chunk-sized temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor, temperature: float,
+                chunk_size: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for chunk in index.split(chunk_size):
+            log_ps = F.log_softmax(student.index_select(0, chunk).float() / temperature, dim=-1)
+            log_pt = F.log_softmax(teacher.index_select(0, chunk).float() / temperature, dim=-1)
+            # xlogy-style: p_t = 0 contributes 0 even where log p_t = -inf (masked vocab entries).
+            total += torch.where(log_pt > -torch.inf, log_pt.exp() * (log_pt - log_ps), 0.0).sum()
+        ctx.save_for_backward(student, teacher, index)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        student, teacher, index = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.zeros_like(student)
+        for chunk in index.split(ctx.chunk_size):
+            p_s = F.softmax(student.index_select(0, chunk).float() / temperature, dim=-1)
+            p_t = F.softmax(teacher.index_select(0, chunk).float() / temperature, dim=-1)
+            grad.index_copy_(0, chunk, ((p_s - p_t) * (grad_output / temperature)).to(grad.dtype))
+        return grad, None, None, None, None
+
+
+def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            labels: torch.Tensor | None, temperature: float = 1.0, *,
+                            chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+                            num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+    """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the positions that carry a label (float32 scalar).
+
+    Logits are (batch, seq, vocab) in any float dtype; labels (batch, seq) with -100 for ignored positions,
+    shifted like the causal-LM loss (position i predicts labels[i + 1]); None counts every position but the last.
+    Only the student gets a gradient. `chunk_size` positions are processed at a time (None: all at once).
+    `num_items`: divide the sum by this instead of the local count of positions, e.g. Trainer's
+    `num_items_in_batch`, which counts the same shifted labels over the accumulated batch, so that this term is
+    normalized like Trainer's cross-entropy under gradient accumulation.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape; the models need the same vocabulary "
+                         "(same tokenizer) and the same inputs.")
+    vocab = student_logits.shape[-1]
+    index = selected_positions(student_logits, labels)
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
+    chunk = max(1, index.numel()) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
+    total = _ChunkedKL.apply(student, teacher, index, float(temperature), chunk)
+    count = index.numel() if num_items is None else num_items
+    if torch.is_tensor(count):
+        count = count.to(total.device, torch.float32).clamp_min(1)
+    else:
+        count = max(float(count), 1.0)  # no labelled position: the loss is 0 (with a zero gradient), not NaN
+    return total * (temperature ** 2) / count
+
+
+# ----- feature distillation (SquareHead) ------------------------------------------------------------------
+
+
+def feature_distillation_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                              token_mask: torch.Tensor | None = None, *, eps: float = 1e-8) -> torch.Tensor:
+    """SquareHead: mean over decoder blocks of MSE(h_s, h_t) / (MSE(h_t, 0) + eps), float32 scalar.
+
+    Pass both models' `outputs.hidden_states` as Transformers returns them with `output_hidden_states=True`
+    (num_layers + 1 tensors of shape (batch, seq, hidden), the embedding output first): entry 0 is skipped, the
+    block outputs hidden_states[1:] are compared. Each MSE is the mean over the selected positions and all
+    hidden features; `token_mask` (bool, batch × seq; e.g. the attention mask) selects positions, None takes all.
+    Only the student gets a gradient.
+    """
+    if len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"the student has {len(student_hidden) - 1} decoder layers, the teacher "
+                         f"{len(teacher_hidden) - 1}; feature distillation needs the same depth.")
+    if len(student_hidden) < 2:
+        raise ValueError("feature distillation needs the hidden states of at least one decoder layer "
+                         "(call the model with output_hidden_states=True).")
+    mask = None if token_mask is None else token_mask.to(student_hidden[-1].device, torch.bool)
+    if mask is not None and not bool(mask.any()):
+        # No selected position: 0 rather than the NaN of an empty mean, still attached to the student's graph.
+        return student_hidden[-1].sum().float() * 0.0
+    losses = []
+    for h_s, h_t in zip(student_hidden[1:], teacher_hidden[1:], strict=True):
+        if h_s.shape != h_t.shape:
+            raise ValueError(f"student hidden states {tuple(h_s.shape)} and teacher's {tuple(h_t.shape)} differ; "
+                             "feature distillation needs the same hidden size and inputs.")
+        h_t = h_t.detach().to(h_s.device)
+        if mask is not None:
+            h_s, h_t = h_s[mask], h_t[mask]  # (M, hidden): only the selected positions are cast to float32
+        h_s, h_t = h_s.float(), h_t.float()
+        losses.append(F.mse_loss(h_s, h_t) / (h_t.pow(2).mean() + eps))
+    return torch.stack(losses).mean()
+
+
+# ----- combination ----------------------------------------------------------------------------------------
+
+
+def distillation_loss(student_outputs: Any, teacher_logits: torch.Tensor | None,
+                      teacher_hidden: Sequence[torch.Tensor] | None, labels: torch.Tensor | None, *,
+                      logit_weight: float, feature_weight: float, temperature: float = 1.0,
+                      token_mask: torch.Tensor | None = None, num_items: int | torch.Tensor | None = None,
+                      chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> dict[str, torch.Tensor]:
+    """The weighted distillation terms, for the trainer to add to its task loss and to log one by one.
+
+    `student_outputs`: the student's ModelOutput (or dict) with `logits`, and `hidden_states` when
+    feature_weight > 0 (call the student with output_hidden_states=True). Returns float32 scalars:
+    "logit_loss" and "feature_loss" (unweighted; only the terms with a weight > 0) and "loss" =
+    logit_weight · logit_loss + feature_weight · feature_loss. `token_mask` selects positions for the feature
+    term; `num_items` and `chunk_size` go to `logit_distillation_loss`.
+    """
+    def get(key: str):
+        return student_outputs.get(key) if isinstance(student_outputs, Mapping) else getattr(student_outputs, key)
+
+    terms: dict[str, torch.Tensor] = {}
+    if logit_weight < 0 or feature_weight < 0:
+        raise ValueError(f"distillation weights must be >= 0, got logit {logit_weight}, feature {feature_weight}.")
+    if logit_weight > 0:
+        if teacher_logits is None:
+            raise ValueError("logit_weight > 0 needs the teacher's logits.")
+        terms["logit_loss"] = logit_distillation_loss(get("logits"), teacher_logits, labels, temperature,
+                                                      chunk_size=chunk_size, num_items=num_items)
+    if feature_weight > 0:
+        student_hidden = get("hidden_states")
+        if student_hidden is None or teacher_hidden is None:
+            raise ValueError("feature_weight > 0 needs the hidden states of both models: call the student with "
+                             "output_hidden_states=True and the teacher with need_hidden=True.")
+        terms["feature_loss"] = feature_distillation_loss(student_hidden, teacher_hidden, token_mask)
+    if not terms:
+        raise ValueError("both distillation weights are 0: there is nothing to distill.")
+    weights = {"logit_loss": logit_weight, "feature_loss": feature_weight}
+    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+    return terms
+
+
+# ----- the teacher ----------------------------------------------------------------------------------------
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"teacher dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
+        model = model.module
+    return model
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _logit_size(model: nn.Module) -> int:
+    """Rows of the output embedding (= logits' last dimension), else config.vocab_size."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(output, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel():
+        return int(weight.shape[0])
+    return int(_text_config(model).vocab_size)
+
+
+class Teacher:
+    """A frozen teacher LM kept outside the student: a plain Python object holding the model in a plain attribute.
+
+    Not an nn.Module on purpose: assigned to a Trainer (or anywhere), it is never registered as a submodule, so
+    its weights never appear in the student's parameters, state_dict, optimizer, DDP buckets or checkpoints.
+    """
+
+    def __init__(self, model: nn.Module):
+        from .layers import MaskedLinear
+
+        if any(isinstance(m, MaskedLinear) for m in model.modules()):
+            raise ValueError("the teacher model has MaskedLinear layers (it was wrapped for PILoT): take the "
+                             "teacher from the dense model before wrap_model(), or load it with "
+                             "Teacher.from_pretrained(...).")
+        model.eval()  # dropout off, for good: nothing calls .train() on this object
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # No backward through the teacher: activation checkpointing would only cost (the name changed in 5.x).
+        if hasattr(model, "activation_checkpointing_disable"):
+            if model.is_activation_checkpointing:
+                model.activation_checkpointing_disable()
+        elif getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        self.model = model
+
+    @classmethod
+    def from_model(cls, model: nn.Module, dtype: str | torch.dtype | None = None) -> Teacher:
+        """A frozen deep copy of `model` as given now (e.g. the dense model before warm-start pruning)."""
+        from .layers import MaskedLinear
+
+        model = _unwrap(model)
+        if any(isinstance(m, MaskedLinear) for m in model.modules()):  # refuse before paying for the copy
+            raise ValueError("Teacher.from_model got a model with MaskedLinear layers (wrapped for PILoT); the "
+                             "teacher must be the dense model: build it before wrap_model() / PILoTTrainer, or "
+                             "load it with Teacher.from_pretrained(...).")
+        resolved = _resolve_dtype(dtype)
+        copied = copy.deepcopy(model)
+        if resolved is not None:
+            copied.to(resolved)
+        return cls(copied)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str | torch.dtype | None = None, revision: str = "main",
+                        **kwargs: Any) -> Teacher:
+        """Load a causal LM with AutoModelForCausalLM (dtype None: the checkpoint's own dtype)."""
+        from transformers import AutoModelForCausalLM
+
+        resolved = _resolve_dtype(dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision,
+                                                         dtype=resolved if resolved is not None else "auto",
+                                                         **kwargs)
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"cannot load the teacher {name_or_path!r} (revision {revision!r}) as a causal LM: "
+                             f"{error}. Pass a local folder or a Hub id of a model with the student's tokenizer."
+                             ) from error
+        return cls(model)
+
+    # ----- properties and placement -----
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return _logit_size(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return int(_text_config(self.model).num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(_text_config(self.model).hidden_size)
+
+    def to(self, device: torch.device | str) -> Teacher:
+        self.model.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"Teacher({type(self.model).__name__}, layers={self.num_layers}, hidden={self.hidden_size}, "
+                f"vocab={self.vocab_size}, dtype={self.dtype}, device={self.device})")
+
+    # ----- forward -----
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 need_hidden: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """(logits as float32, hidden states as float32 or None), on the device of `input_ids`.
+
+        Under no_grad (not inference_mode: the results are saved for the student's backward). Works inside an
+        enclosing torch.autocast; the teacher then computes in the autocast dtype like the student.
+        """
+        device = self.device
+        out = self.model(input_ids=input_ids.to(device),
+                         attention_mask=None if attention_mask is None else attention_mask.to(device),
+                         output_hidden_states=need_hidden, use_cache=False, return_dict=True)
+        logits = out.logits.to(input_ids.device, torch.float32)
+        hidden = None
+        if need_hidden:
+            hidden = tuple(h.to(input_ids.device, torch.float32) for h in out.hidden_states)
+        return logits, hidden
+
+    def check_compatible(self, student: nn.Module, need_hidden: bool) -> None:
+        """ValueError if the student cannot be distilled from this teacher: different logit (vocab) size, or,
+        with feature distillation (need_hidden), a different number of decoder layers or hidden size."""
+        student = _unwrap(student)
+        problems = []
+        s_vocab, t_vocab = _logit_size(student), self.vocab_size
+        if s_vocab != t_vocab:
+            problems.append(f"vocabulary size: student {s_vocab}, teacher {t_vocab} (logit distillation compares "
+                            "token distributions: use a teacher of the same family with the same tokenizer)")
+        if need_hidden:
+            s_cfg = _text_config(student)
+            s_layers, s_hidden = int(s_cfg.num_hidden_layers), int(s_cfg.hidden_size)
+            if s_layers != self.num_layers:
+                problems.append(f"decoder layers: student {s_layers}, teacher {self.num_layers}")
+            if s_hidden != self.hidden_size:
+                problems.append(f"hidden size: student {s_hidden}, teacher {self.hidden_size}")
+            if len(problems) > (s_vocab != t_vocab):
+                problems[-1] += (" (feature distillation matches block outputs layer by layer: use the student's "
+                                 "own dense model as teacher, or turn feature distillation off)")
+        if problems:
+            raise ValueError("the teacher does not fit the student: " + "; ".join(problems) + ".")
