@@ -8,6 +8,8 @@
 - A trained method may start from a one-shot solution instead of the dense model: its *warm start*
   (`warm_start="wanda"`; the paper's x_init, docs/METHOD.md section 2). A sweep writes such a cell as
   `pilot+wanda`: method `pilot`, warm start `wanda`. Pruned weights start at 0 and may regrow.
+- Any trained method may also distil from the dense model (docs/METHOD.md section 10); a sweep writes that
+  cell with the suffix `+kd` (`pilot+wanda+kd`), so runs with and without distillation are separate rows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
 TRAINED_METHODS = ("pilot", "spred", "l1", "finetune")
 WARM_STARTS = ONESHOT_METHODS
 CALIBRATED_METHODS = ("wanda", "sparsegpt")  # need calibration activations
+DISTILLED = "kd"  # sweep suffix: this trained cell distils from the dense model
 
 # Model-card title and description of each method.
 DESCRIPTIONS = {
@@ -67,21 +70,25 @@ class MethodSpec:
 
     name: str
     warm_start: str | None = None
+    distill: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> MethodSpec:
-        name, _, warm = str(spec).partition("+")
+        name, *rest = str(spec).split("+")
+        distill = bool(rest) and rest[-1] == DISTILLED
+        rest = rest[:-1] if distill else rest
         known = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS)
-        if name not in known or (warm and name not in TRAINED_METHODS):
-            examples = ", ".join([*known, "pilot+wanda"])
+        if name not in known or ((rest or distill) and name not in TRAINED_METHODS) or len(rest) > 1 \
+                or (rest and rest[0] not in WARM_STARTS):
+            examples = ", ".join([*known, "pilot+wanda", "pilot+wanda+kd"])
             raise ValueError(f"unknown method {spec!r}; choose among {examples} (a trained method may start "
-                             f"from a one-shot one: '<trained>+<{'|'.join(WARM_STARTS)}>').")
-        if warm:
-            check_warm_start(warm)
-        return cls(name, warm or None)
+                             f"from a one-shot one, '<trained>+<{'|'.join(WARM_STARTS)}>', and distil from the "
+                             f"dense model, '...+{DISTILLED}').")
+        return cls(name, rest[0] if rest else None, distill)
 
     def __str__(self) -> str:
-        return f"{self.name}+{self.warm_start}" if self.warm_start else self.name
+        return "+".join([self.name, *([self.warm_start] if self.warm_start else []),
+                         *([DISTILLED] if self.distill else [])])
 
     @property
     def trained(self) -> bool:
@@ -98,4 +105,4 @@ class MethodSpec:
 
 
 ALL_METHODS = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS,
-               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))
+               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))  # each trained one also with "+kd"

@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import PILoTConfig
 from .data import calibration_blocks
+from .distillation import Teacher, distillation_loss
 from .hub import CardInfo, card_info_for_run, write_model_card
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
@@ -94,6 +95,7 @@ class PILoTTrainer(Trainer):
         # A model the user wrapped keeps its own targets and β; otherwise the arguments say what to wrap.
         self.pilot_config = (getattr(model, "pilot_config", None) if is_wrapped(model) else None) or args.pilot_config()
         self.check_pattern(model, args, self.pilot_config)
+        self.teacher = _teacher(model, args) if args.distills else None  # the model as given: before warm start
         if args.warm_start:
             if is_wrapped(model):
                 raise ValueError(f"warm_start={args.warm_start!r} prunes the plain model before wrapping it, but "
@@ -105,6 +107,13 @@ class PILoTTrainer(Trainer):
             raise ValueError(f"method={args.method!r} trains the plain weights, but this model is wrapped; pass the "
                              "unwrapped model or use method='pilot'/'spred'.")
         super().__init__(model=model, args=args, **kwargs)
+        if self.teacher is not None:
+            if self.is_fsdp_enabled or (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin
+                                        .zero_stage == 3):
+                raise ValueError("distillation keeps a full, unsharded teacher on every process, which FSDP and "
+                                 "ZeRO-3 runs are meant to avoid; it is not supported there. Use DDP (or ZeRO-2) "
+                                 "with teacher_dtype='bfloat16', or train without distillation.")
+            self.teacher.to(self.args.device)
         self.regularized = self._regularized_parameters(model)  # name -> parameter
         self.masks = {n for n in self.regularized if n.endswith(".mask")}
         with torch.no_grad():
@@ -117,6 +126,8 @@ class PILoTTrainer(Trainer):
         self._interval_loss = None
         self._interval_steps = 0
         self._regularized_ids: set[int] = set()
+        self._term_sums: dict[str, float] = {}  # distillation and LM loss terms since the last log
+        self._term_count = 0
         self.add_callback(_PILoTCallback(self))
 
     # ----- targets and parameters -----------------------------------------------------------------
@@ -226,8 +237,12 @@ class PILoTTrainer(Trainer):
         return self.is_deepspeed_enabled
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        if self.teacher is not None and model.training:
+            loss, outputs = self._distillation_loss(model, inputs, num_items_in_batch)
+            result = (loss, outputs) if return_outputs else loss
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         self._penalty = 0.0
         if not (self.regularize_in_loss and model.training and self.alpha > 0):
             return result
@@ -242,6 +257,30 @@ class PILoTTrainer(Trainer):
         self._penalty = float(penalty.detach()) / (1 if scaled_for_ga else self.current_gradient_accumulation_steps)
         loss = loss + penalty
         return (loss, result[1]) if return_outputs else loss
+
+    def _distillation_loss(self, model, inputs, num_items_in_batch):
+        """lm_loss_weight · LM loss + the weighted distillation terms (docs/METHOD.md section 10)."""
+        a = self.args
+        need_hidden = a.distill_feature_weight > 0
+        labels, mask = inputs.get("labels"), inputs.get("attention_mask")
+        student_inputs = {**inputs, "output_hidden_states": True} if need_hidden else inputs
+        loss, outputs = super().compute_loss(model, student_inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        teacher_logits, teacher_hidden = self.teacher(inputs["input_ids"], mask, need_hidden)
+        terms = distillation_loss(outputs, teacher_logits, teacher_hidden, labels,
+                                  logit_weight=a.distill_logit_weight, feature_weight=a.distill_feature_weight,
+                                  temperature=a.distill_temperature, token_mask=None if mask is None else mask.bool())
+        # The LM loss may already be a share of the whole accumulated batch (normalized by its token count);
+        # the distillation terms are means over this micro-batch, so they get the same share.
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        share = self.current_gradient_accumulation_steps if scaled else 1
+        lm = outputs["loss"].detach().float()
+        if scaled and labels is not None:  # back to this micro-batch's mean, for the logs
+            lm = lm * num_items_in_batch / (labels[..., 1:] != -100).sum().clamp_min(1)
+        for name, value in {"lm_loss": lm, **{k: v for k, v in terms.items() if k != "loss"}}.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+        self._term_count += 1
+        return a.lm_loss_weight * loss + terms["loss"] / share, outputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -343,6 +382,9 @@ class PILoTTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.controller is not None:
             logs.update({k: round(v, 6) if k != "alpha" else v for k, v in self.diagnostics().items()})
+        if "loss" in logs and self._term_count:  # each term's mean over the micro-batches since the last log
+            logs.update({k: round(v / self._term_count, 6) for k, v in self._term_sums.items()})
+            self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
 
     # ----- checkpoints --------------------------------------------------------------------------------
@@ -414,6 +456,7 @@ class PILoTTrainer(Trainer):
         if self.args.prunes and not self.pruned:
             self._prune()
         self.frozen = []
+        self.teacher = None  # its memory is the student's again
         if is_wrapped(self.model):
             merge_and_unload(self.model)
         self.sparsity_report = sparsity_report(self.model, self.pilot_config)
@@ -466,6 +509,16 @@ def _refuse_peft(model: nn.Module) -> None:
         raise ValueError("this model carries PEFT adapter layers (LoRA, ...); PILoTTrainer sparsifies the base "
                          "weights and would wrap the adapters' own linear layers. Merge the adapters first "
                          "(model = model.merge_and_unload()) and pass the plain model.")
+
+
+def _teacher(model: nn.Module, args: PILoTTrainingArguments) -> Teacher:
+    """The distillation teacher: another model by path, or a frozen copy of `model` as given."""
+    if args.teacher_model_name_or_path:
+        teacher = Teacher.from_pretrained(args.teacher_model_name_or_path, args.teacher_dtype)
+    else:
+        teacher = Teacher.from_model(model, args.teacher_dtype)
+    teacher.check_compatible(model, need_hidden=args.distill_feature_weight > 0)
+    return teacher
 
 
 def _warm_start(model: nn.Module, args: PILoTTrainingArguments, config: PILoTConfig, train_dataset) -> OneShotReport:
