@@ -3,7 +3,8 @@
 - `dense`: the unpruned model, and nothing else (a sweep's reference row).
 - One-shot methods prune without training: `magnitude`, `wanda`, `sparsegpt`.
 - Trained methods: `pilot` (mask ⊙ weight, PILoT init, adaptive α), its ablations `spred` (balanced init,
-  constant α) and `l1` (explicit L1 on the plain weights), and `finetune` (plain fine-tuning, then magnitude
+  constant α) and `l1` (explicit L1 on the plain weights), `gmp` (gradual magnitude pruning during training,
+  Zhu & Gupta 2017: the standard in-training baseline), and `finetune` (plain fine-tuning, then magnitude
   pruning: the control every regularizer must beat).
 - A trained method may start from a one-shot solution instead of the dense model: its *warm start*
   (`warm_start="wanda"`; the paper's x_init, docs/METHOD.md section 2). A sweep writes such a cell as
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 DENSE = "dense"
 ONESHOT_METHODS = ("magnitude", "wanda", "sparsegpt")
-TRAINED_METHODS = ("pilot", "spred", "l1", "finetune")
+TRAINED_METHODS = ("pilot", "spred", "l1", "gmp", "finetune")
 WARM_STARTS = ONESHOT_METHODS
 CALIBRATED_METHODS = ("wanda", "sparsegpt")  # need calibration activations
 DISTILLED = "kd"  # sweep suffix: this trained cell distils from the dense model
@@ -35,6 +36,9 @@ DESCRIPTIONS = {
               "L1 solver, Ziyin & Wang 2023), then pruned by |mask ⊙ weight|."),
     "l1": ("Explicit L1 (ablation of PILoT)",
            "Trained with an L1 penalty on the plain weights under PILoT's α schedule, then pruned by magnitude."),
+    "gmp": ("Gradual magnitude pruning",
+            "Trained while the smallest |weight| were set to zero step by step, following the cubic sparsity "
+            "schedule of Zhu & Gupta (2017), with pruned weights held at zero, up to the target sparsity."),
     "finetune": ("Fine-tuning, then magnitude pruning",
                  "Plain fine-tuning of the weights, then the smallest |weight| were set to zero."),
     "magnitude": ("Magnitude pruning (one-shot)",

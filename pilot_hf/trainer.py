@@ -310,6 +310,12 @@ class PILoTTrainer(Trainer):
                 total_steps=self.sparsify_steps)
         if self.pruned and not self.frozen:  # resumed inside the recovery phase
             self._prune()
+        if self.args.keep_zeros and not self.frozen:  # the model's own zeros (a checkpoint has the same ones)
+            self.frozen = [(layer.weight, layer.weight != 0) for layer in self._targets().values()]
+        step = self.state.global_step
+        if self.args.method == "gmp" and not self.pruned and step > self.args.gmp_start_step:
+            # resumed inside the gradual phase: the last event's pattern (its zeros are in the weights) again
+            self._gmp_step(step - (step - self.args.gmp_start_step) % self.args.gmp_interval)
 
     def _on_step_end(self) -> None:
         step = self.state.global_step
@@ -325,8 +331,30 @@ class PILoTTrainer(Trainer):
             self.controller.step_end(step, mean_loss, self._l1_ratio())
             self._broadcast_controller()
             self._interval_loss, self._interval_steps = None, 0
+        if self.args.method == "gmp":
+            self._gmp_step(step)
         if self.args.recovery_steps and step >= self.sparsify_steps:
             self._prune()
+
+    def _gmp_sparsity(self, step: int) -> float:
+        """Zhu & Gupta's cubic schedule (docs/METHOD.md section 10): s_i at gmp_start_step, the target at the end
+        of the sparsification phase, s_t = s_f + (s_i − s_f)(1 − progress)³."""
+        a = self.args
+        progress = min(max((step - a.gmp_start_step) / max(self.sparsify_steps - a.gmp_start_step, 1), 0.0), 1.0)
+        return a.sparsity + (a.gmp_initial_sparsity - a.sparsity) * (1 - progress) ** 3
+
+    @torch.no_grad()
+    def _gmp_step(self, step: int) -> None:
+        """At each pruning event, prune by magnitude to s_t; pruned weights stay 0 until the next event (and,
+        being 0, are pruned again then). The last event before recovery (or the end) prunes to the target."""
+        a = self.args
+        if step < a.gmp_start_step or (step - a.gmp_start_step) % a.gmp_interval or step >= self.sparsify_steps:
+            return
+        sparsity = self._gmp_sparsity(step)
+        if sparsity > 0:
+            keep = magnitude_prune(self.model, sparsity, a.sparsity_pattern, self.pilot_config)
+            targets = find_target_layers(self.model, self.pilot_config)
+            self.frozen = [(targets[n].weight, keep[n]) for n in keep]
 
     def _broadcast_controller(self) -> None:
         # Every process computed the same reduced inputs; still, take rank 0's state so decisions never diverge.

@@ -16,6 +16,7 @@ _METHOD_DEFAULTS = {
     "pilot": {"alpha_schedule": "pilot", "init": "pilot"},  # PILoT init + adaptive α
     "spred": {"alpha_schedule": "constant", "init": "spred"},  # balanced init + constant α
     "l1": {"alpha_schedule": "pilot", "init": None},  # explicit L1 on dense weights, same α machinery
+    "gmp": {"alpha_schedule": "none", "init": None},  # gradual magnitude pruning (cubic schedule)
     "finetune": {"alpha_schedule": "none", "init": None},  # plain fine-tuning, then magnitude pruning
 }
 REGULARIZATIONS = ("coupled", "decoupled")
@@ -28,7 +29,8 @@ RUN_SETTINGS = (
     "method", "warm_start", "num_calibration_samples", "sparsity", "sparsity_pattern",
     "alpha_init", "alpha_schedule", "alpha_final", "alpha_min", "alpha_max", "delta", "alpha_update_interval",
     "l1_ratio_threshold", "loss_tolerance", "regularization", "mask_learning_rate", "weight_learning_rate",
-    "tensorwise_second_moment", "recovery_steps", "beta", "init", "target_modules", "target_regex",
+    "tensorwise_second_moment", "recovery_steps", "keep_zeros", "gmp_interval", "gmp_start_step", "gmp_initial_sparsity",
+    "beta", "init", "target_modules", "target_regex",
     "exclude_modules", "lm_loss_weight", "distill_logit_weight", "distill_feature_weight", "distill_temperature",
     "teacher_model_name_or_path", "teacher_dtype",
     # the training budget and optimizer (TrainingArguments' own fields)
@@ -53,7 +55,8 @@ class PILoTTrainingArguments(TrainingArguments):
     method: str = field(
         default="pilot",
         metadata={"help": "pilot (PILoT init + adaptive α), spred (balanced init + constant α), l1 (explicit L1 on "
-                  "the plain weights, same schedules), finetune (plain fine-tuning, then magnitude pruning)."},
+                  "the plain weights, same schedules), gmp (gradual magnitude pruning, cubic schedule), finetune "
+                  "(plain fine-tuning, then magnitude pruning)."},
     )
     warm_start: str | None = field(
         default=None,
@@ -116,6 +119,18 @@ class PILoTTrainingArguments(TrainingArguments):
         metadata={"help": "The last N optimizer steps fine-tune with the pruning pattern frozen (regularization "
                   "off, pruned weights stay exactly 0). Counted inside max_steps; needs a sparsity."},
     )
+    keep_zeros: bool = field(
+        default=False,
+        metadata={"help": "Fine-tune an already sparse model without losing its zeros: every target weight that is 0 "
+                  "when training starts stays exactly 0 (re-applied after each optimizer step, Adam's momentum "
+                  "included). Needs method='finetune' and sparsity=0 (nothing is pruned at the end)."})
+    gmp_interval: int = field(
+        default=10, metadata={"help": "method=gmp: optimizer steps between pruning events (Zhu & Gupta's Δt)."})
+    gmp_start_step: int = field(default=0, metadata={"help": "method=gmp: the step of the first pruning event."})
+    gmp_initial_sparsity: float = field(
+        default=0.0, metadata={"help": "method=gmp: the schedule's starting sparsity s_i; it reaches the target "
+                               "with a cubic curve at the end of the sparsification phase (max_steps − "
+                               "recovery_steps)."})
     beta: float = field(default=1.0, metadata={"help": "PILoT init scale β > 0 (mask0² − weight0² = β)."})
     init: str | None = field(default=None, metadata={"help": "pilot or spred; default by method."})
     target_modules: list[str] | None = field(
@@ -158,8 +173,8 @@ class PILoTTrainingArguments(TrainingArguments):
             self.init = defaults["init"]
         if self.alpha_schedule not in SCHEDULES:
             raise ValueError(f"alpha_schedule={self.alpha_schedule!r}; use one of {SCHEDULES}.")
-        if self.method == "finetune" and self.alpha_schedule != "none":
-            raise ValueError("method='finetune' is plain fine-tuning: leave alpha_schedule unset (or 'none').")
+        if self.method in ("finetune", "gmp") and self.alpha_schedule != "none":
+            raise ValueError(f"method={self.method!r} has no regularization: leave alpha_schedule unset (or 'none').")
         if self.tensorwise_second_moment and str(getattr(self.optim, "value", self.optim)) not in TENSORWISE_OPTIMS:
             raise ValueError(f"tensorwise_second_moment replaces AdamW; it needs optim in {TENSORWISE_OPTIMS}, "
                              f"got optim={getattr(self.optim, 'value', self.optim)!r}.")
@@ -179,6 +194,17 @@ class PILoTTrainingArguments(TrainingArguments):
         if self.warm_start in CALIBRATED_METHODS and pattern.kind == "global":
             raise ValueError(f"a {self.warm_start} warm start compares scores within a layer; pattern 'global' is "
                              "only available to magnitude. Use 'unstructured', 'row' or N:M.")
+        if self.method == "gmp":
+            if not self.prunes or pattern.is_nm:
+                raise ValueError("method='gmp' raises the sparsity gradually to a target: give a sparsity > 0 with an "
+                                 "unstructured, row or global pattern (its schedule has no N:M intermediate steps).")
+            if self.gmp_interval < 1 or self.gmp_start_step < 0 or not 0 <= self.gmp_initial_sparsity < self.sparsity:
+                raise ValueError(f"gmp needs gmp_interval ≥ 1 (got {self.gmp_interval}), gmp_start_step ≥ 0 (got "
+                                 f"{self.gmp_start_step}) and 0 ≤ gmp_initial_sparsity < sparsity (got "
+                                 f"{self.gmp_initial_sparsity} vs {self.sparsity}).")
+        if self.keep_zeros and (self.method != "finetune" or self.prunes or self.warm_start):
+            raise ValueError("keep_zeros fine-tunes a model that is already sparse: use it with method='finetune', "
+                             "sparsity=0 and no warm_start (prune first, e.g. with `pilot-hf oneshot`).")
         if self.num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples}: must be ≥ 1.")
         for name in ("lm_loss_weight", "distill_logit_weight", "distill_feature_weight"):
