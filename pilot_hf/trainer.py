@@ -93,7 +93,10 @@ class PILoTTrainer(Trainer):
             args = PILoTTrainingArguments.from_training_args(args)  # PILoT fields at their defaults
         _refuse_peft(model)
         # A model the user wrapped keeps its own targets and β; otherwise the arguments say what to wrap.
-        self.pilot_config = (getattr(model, "pilot_config", None) if is_wrapped(model) else None) or args.pilot_config()
+        user_config = getattr(model, "pilot_config", None) if is_wrapped(model) else None
+        if user_config is not None:
+            args = args.for_wrapping(user_config)  # the run settings record the targets and β that ran
+        self.pilot_config = user_config or args.pilot_config()
         self.check_pattern(model, args, self.pilot_config)
         self.teacher = _teacher(model, args) if args.distills else None  # the model as given: before warm start
         if args.warm_start:

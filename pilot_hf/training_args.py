@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -282,6 +283,29 @@ class PILoTTrainingArguments(TrainingArguments):
     def __getstate__(self):
         # Trainer pickles its arguments into every checkpoint and upload (training_args.bin): never the token.
         return {**self.__dict__, "hub_token": None}
+
+    # copy.copy / copy.deepcopy would go through __getstate__ too: an in-memory copy keeps the token.
+    def __copy__(self):
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    def for_wrapping(self, config: PILoTConfig) -> PILoTTrainingArguments:
+        """A copy that records a model the user wrapped with `config`: its targets, exclusions, β and init are
+        the run's, so the run settings record (checkpoints, resume check, card) says what ran."""
+        targets = config.target_modules
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        values.update(target_modules=list(targets) if isinstance(targets, list) else None,
+                      target_regex=targets if isinstance(targets, str) and targets != ALL_LINEAR else None,
+                      exclude_modules=config.exclude_modules, init=config.init,
+                      beta=config.beta if config.init == "pilot" else self.beta)
+        return type(self)(**values)
 
     @property
     def prunes(self) -> bool:
