@@ -48,13 +48,13 @@ KNOWN_LICENSES = {
 }
 
 # Upload everything in the folder except training state and pickles (only safetensors weights go up).
-IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt",
+IGNORE_PATTERNS = [".pilot-hf", "checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt",
                    ".git/*", ".cache/*"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SECRETS = [
     (re.compile(r"hf_[A-Za-z0-9]{10,}"), "<redacted>"),
-    (re.compile(r"(--(?:hub_)?token[= ])\S+"), r"\1<redacted>"),
+    (re.compile(r"(--(?:hub[_-])?token[= ])\S+"), r"\1<redacted>"),
     (re.compile(r"(HF_TOKEN=)\S+"), r"\1<redacted>"),
 ]
 

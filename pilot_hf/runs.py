@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".pilot-hf"  # in every folder pilot-hf writes; only such folders may be replaced
 _SECRET = re.compile(r"(hf_[A-Za-z0-9]{10,})")
-_SECRET_FLAG = re.compile(r"^--(hub_token|token)(=.*)?$")
+_SECRET_FLAG = re.compile(r"^--(hub_token|hub-token|token)(=.*)?$")  # HfArgumentParser also takes --hub-token
 
 
 class OutputError(ValueError):
@@ -71,6 +71,12 @@ def resume_hint(checkpoint_dir: str | Path | None) -> str:
     if checkpoint is None:
         return "no complete checkpoint was written, so a new run starts from the beginning"
     return f"resume with --resume_from_checkpoint {checkpoint} (its latest complete checkpoint)"
+
+
+def _listing(folder: Path) -> dict:
+    """{relative path: (size, mtime)} of every file under `folder`: tells whether anyone changed it."""
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in folder.rglob("*") if not p.is_dir()}
 
 
 class FolderLock:
@@ -121,6 +127,7 @@ class OutputFolder:
         self._lock = FolderLock(self.final)
         self.overwrite, self.is_main = overwrite, is_main
         self.checkpoint_dir = Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else None
+        self._replaces: dict | None = None  # the listing of the earlier result this run may replace
         self.check()
 
     def check(self) -> None:
@@ -139,6 +146,7 @@ class OutputFolder:
             if not is_pilot_folder(final):
                 raise OutputError(f"output_dir {final} was not written by pilot-hf (no {MARKER_NAME} marker), so it "
                                   "is never replaced, even with --overwrite_output_dir. Choose another --output_dir.")
+            self._replaces = _listing(final)
         if self.checkpoint_dir is not None and (self.checkpoint_dir == final or final in self.checkpoint_dir.parents):
             raise OutputError(f"checkpoint_dir {self.checkpoint_dir} is inside output_dir {final}; the result folder "
                               "holds the model only. Give a checkpoint_dir outside it.")
@@ -157,6 +165,10 @@ class OutputFolder:
             if not is_pilot_folder(self.staging):
                 self._lock.__exit__()
                 raise OutputError(f"{self.staging} exists but was not written by pilot-hf; move it away first.")
+            if self.holds_model():  # a finished training whose run failed later: never thrown away silently
+                self._lock.__exit__()
+                raise OutputError(f"{self.staging} holds the trained model of an earlier run that did not finish; "
+                                  "move it where you want it (or delete it), then run again.")
             shutil.rmtree(self.staging)
         self.staging.mkdir()
         write_json(self.staging / MARKER_NAME, {"written_by": "pilot-hf", "pid": os.getpid(), "time": time.time()})
@@ -169,7 +181,8 @@ class OutputFolder:
             if exc_type is None:
                 self._publish()
             else:
-                logger.warning(self.failure_message())
+                if self.kept():  # say what was kept and where; the error itself is the command's one paragraph
+                    logger.warning(self.failure_message())
                 if not self.holds_model():
                     shutil.rmtree(self.staging, ignore_errors=True)
         finally:
@@ -180,19 +193,24 @@ class OutputFolder:
 
     def failure_message(self) -> str:
         """One sentence on what was kept: the saved model (if any) and the checkpoints (if any)."""
+        kept = self.kept()
+        return "the run did not finish; " + ("; ".join(kept) if kept else f"nothing was written to {self.final}")
+
+    def kept(self) -> list[str]:
         kept = []
         if self.holds_model():
             kept.append(f"the trained model is saved in {self.staging} (move it where you want it)")
         if self.checkpoint_dir is not None and latest_checkpoint(self.checkpoint_dir) is not None:
             kept.append(f"checkpoints are in {self.checkpoint_dir}; {resume_hint(self.checkpoint_dir)}")
-        return "the run did not finish; " + ("; ".join(kept) if kept else f"nothing was written to {self.final}")
+        return kept
 
     def _publish(self) -> None:
         # Checked again now: the folder may have appeared, or been filled by someone, during the run.
         final = self.final
         if final.exists() and any(final.iterdir()):
-            if not (self.overwrite and is_pilot_folder(final)):
-                raise OutputError(f"output_dir {final} was created or filled while this run worked, so the result "
+            # Replace only the earlier result seen at the start, as it was: a file added since is someone's.
+            if not (self.overwrite and is_pilot_folder(final) and _listing(final) == self._replaces):
+                raise OutputError(f"output_dir {final} was created or changed while this run worked, so the result "
                                   f"was not moved there; it is complete in {self.staging}. Move it yourself.")
             old = final.parent / f".{final.name}.replaced"
             shutil.rmtree(old, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..data import DataArguments, prepare_lm_datasets
 from ..evaluation import EvalArguments, evaluate_model
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..runs import OutputFolder, write_json
-from ..trainer import PILoTTrainer, latest_checkpoint
+from ..trainer import CHECKPOINT_FILES, PILoTTrainer, latest_checkpoint
 from ..training_args import PILoTTrainingArguments
 from .arguments import RunArguments
 from .report import card_results, run_record, summary_table
@@ -25,6 +26,18 @@ def checkpoint_dir(training_args: PILoTTrainingArguments, run_args: RunArguments
     final = Path(training_args.output_dir).expanduser().resolve()
     return Path(run_args.checkpoint_dir).expanduser().resolve() if run_args.checkpoint_dir else \
         final.with_name(final.name + "-checkpoints")
+
+
+@contextlib.contextmanager
+def removed_if_empty(folder: Path, is_main: bool):
+    """Trainer creates its output folder (our checkpoint_dir) even when it saves nothing there (save_strategy
+    'no', or a run that stops early): an empty one it made is removed, however the run ends."""
+    existed = folder.exists()
+    try:
+        yield
+    finally:
+        if is_main and not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def resolve_resume(value: str | None, checkpoints: Path) -> str | None:
@@ -40,6 +53,12 @@ def resolve_resume(value: str | None, checkpoints: Path) -> str | None:
     if not Path(value).is_dir():
         raise ValueError(f"--resume_from_checkpoint {value}: no such folder. Give a checkpoint-* folder, or true "
                          f"for the latest complete one in {checkpoints}.")
+    missing = [name for name in CHECKPOINT_FILES if not (Path(value) / name).is_file()]
+    if missing:  # an interrupted save (or not a checkpoint): refused now, not after the model is loaded
+        intact = latest_checkpoint(Path(value).resolve().parent) or latest_checkpoint(checkpoints)
+        raise ValueError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no {', '.join(missing)}; "
+                         "its save was interrupted?). " + (f"Resume from {intact}, the latest complete checkpoint."
+                                                          if intact else "Start without --resume_from_checkpoint."))
     return value
 
 
@@ -54,7 +73,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
     data_args.check_sources()
     eval_args.check_sources()
     resume = resolve_resume(training_args.resume_from_checkpoint, checkpoints)
-    with output:
+    if resume is None and training_args.save_strategy != "no" and latest_checkpoint(checkpoints) is not None:
+        # A fresh run would overwrite that run's checkpoints step by step and mix the two in one folder.
+        raise ValueError(f"checkpoint_dir {checkpoints} holds the checkpoints of an earlier run. Resume it with "
+                         "--resume_from_checkpoint true, or give another --checkpoint_dir (or move that folder "
+                         "away) to start a new run.")
+    with output, removed_if_empty(checkpoints, is_main):
         model, tokenizer = load_model(model_args)
         base_model = base_model_id(model_args, model)
         PILoTTrainer.check_pattern(model, training_args)
@@ -90,8 +114,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
                 training_data=f"{data_args.dataset_name or data_args.train_file} (train split)"))
         trainer.accelerator.wait_for_everyone()
     if is_main:
-        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
-            checkpoints.rmdir()  # nothing was saved there (save_strategy 'no')
         print(summary_table(dense, sparse, trainer.sparsity_report["total"]["sparsity"], output.final,
                             time.perf_counter() - start, checkpoints if checkpoints.is_dir() else None))
         return metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
-from ..data import calibration_samples
+from ..data import calibration_samples, check_text_file
 from ..evaluation import EvalArguments, evaluate_model
 from ..hub import card_info_for_run, write_model_card
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
@@ -22,7 +22,12 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
         out_args: OutputArguments, argv: list[str] = ()) -> dict:
     start = time.perf_counter()
     output = OutputFolder(out_args.output_dir, out_args.overwrite_output_dir)
+    if os_args.sparsity_pattern == "global" and os_args.method.lower() != "magnitude":  # oneshot_prune's rule, now
+        raise ValueError(f"{os_args.method} compares scores within a layer (or row); pattern 'global' is only "
+                         "meaningful for magnitude. Use 'unstructured', 'row' or N:M.")
     check_model_source(model_args)
+    if os_args.calibrates and os_args.calibration_data().train_file is not None:
+        check_text_file(os_args.calibration_dataset, "calibration_dataset")  # named as the user gave it
     os_args.check_sources()
     eval_args.check_sources()
     with output:

@@ -79,14 +79,19 @@ def build_parser(command: str, classes: tuple, description: str) -> HfArgumentPa
 
 def parse(command: str, argv: list[str], classes: tuple, description: str = "") -> tuple:
     """`argv` -> one instance of each of `classes`: defaults < demo defaults < --config YAML < flags."""
+    def error(message):  # instead of argparse's usage (hundreds of TrainingArguments flags) and exit
+        raise UsageError(f"{message}. See `pilot-hf {command} --help` for the flags.")
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
+    pre.error = error
     known, rest = pre.parse_known_args(argv)
     parser = build_parser(command, classes, description)
+    parser.error = error
     dests = {f.name for cls in classes for f in fields(cls) if f.init}
     values = _read_config(Path(known.config), dests, command) if known.config else {}
-    given_model = values.get("model_name_or_path") or any(
-        a == "--model_name_or_path" or a.startswith("--model_name_or_path=") for a in rest)
+    given_model = values.get("model_name_or_path") or any(  # HfArgumentParser takes the dashed spelling too
+        a.split("=", 1)[0] in ("--model_name_or_path", "--model-name-or-path") for a in rest)
     if command == "compress" and not given_model:
         values = {**DEMO_DEFAULTS, **values}
     # YAML 1.1 reads an unquoted `no` / `yes` as a bool; for a field that takes a string (save_strategy: no)
@@ -100,12 +105,14 @@ def parse(command: str, argv: list[str], classes: tuple, description: str = "") 
             action.required = False
     try:
         namespace, unknown = parser.parse_known_args(args=rest)
-    except SystemExit as exit_:  # --help (code 0), or argparse already printed what was wrong
+    except SystemExit as exit_:  # --help (code 0)
         if exit_.code:
             raise UsageError("invalid arguments (see the message above).") from None
         raise
     if unknown:
-        raise UsageError(f"unknown argument(s) {unknown}. See `pilot-hf {command} --help` for the flags; "
+        from ..runs import redact_argv  # a token given to a command that takes none is never echoed
+
+        raise UsageError(f"unknown argument(s) {redact_argv(unknown)}. See `pilot-hf {command} --help` for the flags; "
                          "flag names use underscores, as in Transformers (e.g. --model_name_or_path).")
     try:
         return tuple(cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if f.init}) for cls in classes)

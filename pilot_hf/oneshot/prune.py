@@ -57,7 +57,8 @@ class OneShotArguments:
     method: str = field(default="sparsegpt", metadata={"help": "magnitude, wanda or sparsegpt."})
     sparsity: float | None = field(default=None, metadata={
         "help": "Fraction of target weights removed; default 0.5, and N:M patterns fix it to (M-N)/M."})
-    sparsity_pattern: str = field(default="unstructured", metadata={"help": "unstructured, row or N:M (e.g. 2:4)."})
+    sparsity_pattern: str = field(default="unstructured", metadata={
+        "help": "unstructured, row, N:M (e.g. 2:4), or global (magnitude only)."})
     calibration_dataset: str = field(default="builtin:kjv", metadata={
         "help": "Calibration text for wanda/sparsegpt: a dataset_name (e.g. 'builtin:kjv', its training part) or "
                 "a local text/json/csv/parquet file."})
@@ -70,6 +71,9 @@ class OneShotArguments:
         pattern = SparsityPattern.parse(self.sparsity_pattern)
         self.sparsity_pattern = str(pattern)
         self.sparsity = pattern.resolve_sparsity(self.sparsity)
+        if pattern.kind == "global" and resolve_method(self.method).name != "magnitude":
+            raise ValueError(f"{self.method} compares scores within a layer (or row); pattern 'global' is only "
+                             "meaningful for magnitude. Use 'unstructured', 'row' or N:M.")
         if self.num_calibration_samples < 1 or self.calibration_seqlen < 2:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples} must be ≥ 1 and "
                              f"calibration_seqlen={self.calibration_seqlen} ≥ 2.")
