@@ -2,6 +2,7 @@
 
     pilot-hf compress [--config run.yaml] [--model_name_or_path ...] [any TrainingArguments flag ...]
     pilot-hf oneshot  --method sparsegpt --sparsity 0.5 --output_dir out/
+    pilot-hf finetune --model_name_or_path out/ --train_file text.txt [--lora] --output_dir tuned/
     pilot-hf evaluate --model_name_or_path out/
     pilot-hf sweep    --methods magnitude wanda sparsegpt --sparsities 0.5 0.7 2:4
     pilot-hf push     OUTPUT_DIR --repo_id ORG/NAME [--private] [--compressed] [--dry_run]
@@ -23,7 +24,7 @@ from .parser import UsageError, parse
 
 __all__ = ["COMMANDS", "UsageError", "command_module", "main", "parse"]
 
-COMMANDS = ("compress", "oneshot", "evaluate", "sweep", "push")
+COMMANDS = ("compress", "oneshot", "finetune", "evaluate", "sweep", "push")
 
 
 class Interrupted(BaseException):
