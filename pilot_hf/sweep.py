@@ -205,7 +205,13 @@ def write_tables(results: list[dict], out: Path, config: dict | None = None) -> 
 
 
 def plot(results: list[dict], texts: list[str], path: Path) -> None:
-    import matplotlib
+    """The perplexity-vs-sparsity figure; needs the `plot` extra (matplotlib), skipped with a note without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("sweep: matplotlib is not installed, so %s was not drawn (pip install 'pilot-hf[plot]'); "
+                       "the tables are written.", path.name)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

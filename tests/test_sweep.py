@@ -67,3 +67,14 @@ def test_bad_sweep_arguments():
         S.SweepArguments(sparsities=["4:2"])
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         S.SweepArguments(sparsities=["1.5"])
+
+
+def test_tables_without_matplotlib(tmp_path, monkeypatch, caplog):
+    """The figure is an optional extra: without matplotlib the tables are still written, and a note says why."""
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    cells = [{"method": "wanda", "sparsity": "0.5", "pattern": "unstructured", "actual_sparsity": 0.5,
+              "time_s": 1.0, "perplexity": {"pydoc": 12.5}}]
+    S.write_tables(cells, tmp_path)
+    assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("wanda,0.5,0.5000,12.500")
+    assert not (tmp_path / "perplexity_vs_sparsity.png").exists()
+    assert "pilot-hf[plot]" in caplog.text

@@ -105,7 +105,7 @@ def test_resume_with_distillation_is_bit_identical(tmp_path):
 
 
 def test_bf16_and_gradient_checkpointing(tmp_path):
-    trainer = distill_trainer(tmp_path, bf16=True, gradient_checkpointing=True, teacher_dtype="bfloat16",
+    trainer = distill_trainer(tmp_path, bf16=True, activation_checkpointing=True, teacher_dtype="bfloat16",
                               max_steps=4, logging_steps=2, sparsity=0.5)
     assert trainer.teacher.dtype == torch.bfloat16
     trainer.train()
