@@ -1,7 +1,10 @@
 """PILoTTrainer: a thin transformers.Trainer that trains mask ⊙ weight with a time-varying regularization.
 
-What it adds to Trainer, and where (docs/METHOD.md, sections 3-6):
-- wrapping: `__init__` swaps target layers for `MaskedLinear` (pilot/spred) before Trainer sees the model;
+What it adds to Trainer, and where (docs/METHOD.md, sections 2-6 and 10):
+- `__init__`: takes a frozen teacher copy if distilling, applies a one-shot warm start if asked, then swaps
+  target layers for `MaskedLinear` (pilot/spred) before Trainer sees the model;
+- `compute_loss`: LM loss plus the distillation terms (logit KL, SquareHead), each logged;
+- `gmp` prunes by magnitude on a cubic schedule during training; `keep_zeros` holds an existing pattern;
 - optimizer: `create_optimizer` gives masks their own learning rate, takes masks and target weights out of
   `weight_decay`, and registers two optimizer hooks: before each step the regularization is added to the
   mask/weight gradients (coupled) or applied to the parameters (decoupled); after each step a frozen
@@ -9,7 +12,8 @@ What it adds to Trainer, and where (docs/METHOD.md, sections 3-6):
 - the α controller runs in a callback at the end of every optimizer step, from the mean training loss
   (reduced over processes) and the L1 ratio; rank 0's decision is broadcast so every process agrees;
 - `log` adds alpha, balance, l1_ratio, prune_damage and sparsity to the Trainer's own logs;
-- checkpoints carry `pilot_state.json` (controller state + settings), checked and restored on resume;
+- checkpoints carry `pilot_state.json` (controller state + the run settings record), checked and restored on
+  resume;
 - `train` ends by pruning (unless recovery already did), and merging: `self.model` is then a plain model.
 """
 
