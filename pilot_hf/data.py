@@ -417,9 +417,7 @@ def calibration_samples(tokenizer, data="builtin:kjv", num_samples: int = 128, s
         raise ValueError(f"the calibration text has {len(token_stream(tokenized))} tokens: {len(blocks)} "
                          f"blocks of seqlen={seqlen}, fewer than num_samples={num_samples}; lower num_samples "
                          "or seqlen, or use more text.")
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    ids = token_stream(blocks.select(order.tolist()))
-    return torch.from_numpy(ids).view(num_samples, seqlen)
+    return calibration_blocks(blocks, num_samples, seed)
 
 
 def calibration_blocks(dataset, num_samples: int, seed: int = 0) -> torch.Tensor:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_model
-from datasets import Dataset
+from test_trainer import arithmetic_dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from pilot_hf import (
@@ -28,17 +28,6 @@ from pilot_hf.data import calibration_blocks
 from pilot_hf.wrapping import find_target_layers
 
 TOKEN = "hf_PILoTtestTOKENabcdefghijklmnop"  # not a real token: only looked for in pickles
-
-
-def arithmetic_dataset(n=64, length=32, seed=0):
-    """Sequences s, s+d, s+2d, ... (mod 128): learnable by a tiny model in a few dozen steps."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        s, d = int(torch.randint(0, 128, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
-        ids = [(s + d * j) % 128 for j in range(length)]
-        rows.append({"input_ids": ids, "labels": ids})
-    return Dataset.from_list(rows)
 
 
 COMMON = dict(per_device_train_batch_size=8, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0)

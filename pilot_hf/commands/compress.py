@@ -62,6 +62,16 @@ def resolve_resume(value: str | None, checkpoints: Path) -> str | None:
     return value
 
 
+def refuse_stale_checkpoints(resume, training_args, latest: str | None, checkpoints: Path) -> None:
+    """A fresh run that saves checkpoints into a folder holding an earlier run's would overwrite them step by
+    step and mix the two in one folder: refused."""
+    if resume is None and str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no" \
+            and latest is not None:
+        raise ValueError(f"checkpoint_dir {checkpoints} holds the checkpoints of an earlier run. Resume it with "
+                         "--resume_from_checkpoint true, or give another --checkpoint_dir (or move that folder "
+                         "away) to start a new run.")
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments,
         training_args: PILoTTrainingArguments, run_args: RunArguments, argv: list[str] = ()) -> dict:
     start = time.perf_counter()
@@ -73,11 +83,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
     data_args.check_sources()
     eval_args.check_sources()
     resume = resolve_resume(training_args.resume_from_checkpoint, checkpoints)
-    if resume is None and training_args.save_strategy != "no" and latest_checkpoint(checkpoints) is not None:
-        # A fresh run would overwrite that run's checkpoints step by step and mix the two in one folder.
-        raise ValueError(f"checkpoint_dir {checkpoints} holds the checkpoints of an earlier run. Resume it with "
-                         "--resume_from_checkpoint true, or give another --checkpoint_dir (or move that folder "
-                         "away) to start a new run.")
+    refuse_stale_checkpoints(resume, training_args, latest_checkpoint(checkpoints), checkpoints)
     with output, removed_if_empty(checkpoints, is_main):
         model, tokenizer = load_model(model_args)
         base_model = base_model_id(model_args, model)

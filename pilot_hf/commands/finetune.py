@@ -25,7 +25,7 @@ from ..lora import check_sparse, count_zeros, merge_sparse_lora, prepare_sparse_
 from ..runs import OutputFolder, write_json
 from ..training_args import PILoTTrainingArguments
 from ..wrapping import find_target_layers, out_in_layout, sparsity_report
-from .compress import checkpoint_dir, removed_if_empty, resolve_resume
+from .compress import checkpoint_dir, refuse_stale_checkpoints, removed_if_empty, resolve_resume
 from .report import card_results, run_record, summary_table
 
 HELP = ("Fine-tune an already sparse model keeping every zero exactly: full fine-tuning, or LoRA (--lora) "
@@ -148,7 +148,7 @@ def model_pattern(model, config) -> str:
     return "unstructured"
 
 
-def _resume(value, checkpoints: Path, lora: bool, save_strategy) -> str | None:
+def _resume(value, checkpoints: Path, lora: bool, training_args) -> str | None:
     if not lora:
         resume = resolve_resume(value, checkpoints)
         from ..trainer import latest_checkpoint
@@ -164,9 +164,7 @@ def _resume(value, checkpoints: Path, lora: bool, save_strategy) -> str | None:
             if resume is None or not Path(resume).is_dir():
                 raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint found (looked in {checkpoints}). "
                                  "Give a checkpoint-* folder, or start without --resume_from_checkpoint.")
-    if resume is None and str(save_strategy) not in ("no", "SaveStrategy.NO") and latest is not None:
-        raise ValueError(f"checkpoint_dir {checkpoints} holds the checkpoints of an earlier run. Resume it with "
-                         "--resume_from_checkpoint true, or give another --checkpoint_dir (or move that folder away).")
+    refuse_stale_checkpoints(resume, training_args, latest, checkpoints)
     return resume
 
 
@@ -180,8 +178,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
     check_model_source(model_args)
     data_args.check_sources()
     eval_args.check_sources()
-    resume = _resume(training_args.resume_from_checkpoint, checkpoints, ft_args.lora,
-                     getattr(training_args.save_strategy, "value", training_args.save_strategy))
+    resume = _resume(training_args.resume_from_checkpoint, checkpoints, ft_args.lora, training_args)
     config = training_args.pilot_config()
     with output, removed_if_empty(checkpoints, is_main):
         model, tokenizer = load_model(model_args)
