@@ -443,3 +443,86 @@ def evaluation_tokens(name: str, tokenizer, max_tokens: int | None = None) -> to
     """
     ids = torch.tensor(encode_text(tokenizer, builtin_split(name, "test")), dtype=torch.long)
     return ids[:max_tokens] if max_tokens is not None else ids
+
+
+# --- evaluation datasets (`--eval_dataset_name`, `--eval_file`) -----------------------------------------
+
+def check_hub_datasets(datasets_: list[tuple[str, str | None]], what: str, offline_hint: str = "") -> None:
+    """ValueError (one paragraph) unless each (dataset id, config) can be read: offline (HF_HUB_OFFLINE=1)
+    from the datasets cache, online from the Hub (one metadata request per dataset, 10 s timeout)."""
+    from .assets import is_offline
+
+    names = ", ".join(f"{path}" + (f" ({config})" if config else "") for path, config in datasets_)
+    if is_offline():
+        missing = []
+        for path, config in datasets_:
+            try:
+                datasets.load_dataset_builder(path, config)  # offline, this only reads the cache
+            except Exception:  # any failure means it cannot be read offline
+                missing.append(path)
+        missing = list(dict.fromkeys(missing))
+        if missing:
+            absent = "none of them is" if len(missing) == len({p for p, _ in datasets_}) else \
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not"
+            raise ValueError(f"{what}: these read datasets from the Hugging Face Hub ({names}), but the Hub is offline "
+                             f"here (HF_HUB_OFFLINE=1) and {absent} in the datasets cache. Run it where the Hub can be "
+                             f"reached (or fill the datasets cache there and copy it here). {offline_hint}")
+        return
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    api = HfApi()
+    for path, _ in datasets_:
+        try:
+            api.dataset_info(path, timeout=10)
+        except GatedRepoError:
+            raise ValueError(f"{what}: the Hub dataset {path!r} is gated; accept its terms on its Hub page and log "
+                             "in (`hf auth login`), then run again.") from None
+        except RepositoryNotFoundError:
+            raise ValueError(f"{what}: there is no dataset {path!r} on the Hugging Face Hub; check the name (e.g. "
+                             "'wikitext' with config 'wikitext-2-raw-v1').") from None
+        except Exception as err:  # network errors come from several libraries
+            raise ValueError(f"{what}: these read datasets from the Hugging Face Hub ({names}), and the Hub cannot be "
+                             f"reached from here ({type(err).__name__}: {err}). Run it where the Hub can be reached; "
+                             f"if the datasets are in your datasets cache, set HF_HUB_OFFLINE=1 to use it. "
+                             f"{offline_hint}") from None
+
+
+def load_eval_rows(dataset_name: str | None = None, config_name: str | None = None, split: str = "test",
+                   file: str | None = None, text_column: str = "text", cache_dir: str | None = None) -> list[str]:
+    """The text rows of an evaluation split: `split` of `datasets.load_dataset(dataset_name, config_name)`, or
+    the rows of a local file (a .txt file is one row, the whole file; json/jsonl/csv/parquet: one per record)."""
+    if (dataset_name is None) == (file is None):
+        raise ValueError("give an evaluation dataset name or an evaluation file (one of them).")
+    if file is not None:
+        builder = FILE_BUILDERS.get(_file_extension(file))
+        if builder is None:
+            raise ValueError(f"eval_file {file!r} has an unsupported extension; use one of {sorted(FILE_BUILDERS)}.")
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files={"test": file}, split="test", cache_dir=cache_dir,
+                                        **kwargs)
+        source = file
+    else:
+        loaded = datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir)
+        if split not in loaded:
+            raise ValueError(f"dataset {dataset_name!r}{f' ({config_name})' if config_name else ''} has no split "
+                             f"{split!r}; its splits are {list(loaded)}. Set --eval_split.")
+        dataset, source = loaded[split], f"{dataset_name} ({split})"
+    _check_text_column(dataset, text_column, f"the evaluation data {source}")
+    rows = dataset[text_column]
+    if not any(r and not r.isspace() for r in rows):
+        raise ValueError(f"the evaluation data {source} holds no text in column {text_column!r}.")
+    return rows
+
+
+def eval_token_stream(rows: list[str], tokenizer, convention: str = "field") -> torch.Tensor:
+    """One token stream from evaluation rows. 'field': the rows joined with blank lines and tokenized once (the
+    WikiText-2 convention of SparseGPT's and Wanda's evaluation code); 'documents': each non-blank row as a
+    document followed by EOS, as in training (`encode_documents`)."""
+    if convention == "field":
+        ids = encode_text(tokenizer, "\n\n".join(rows))
+    elif convention == "documents":
+        ids = [t for doc in encode_documents(tokenizer, rows) for t in doc]
+    else:
+        raise ValueError(f"convention must be 'field' or 'documents', got {convention!r}.")
+    return torch.tensor(ids, dtype=torch.long)

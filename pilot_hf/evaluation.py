@@ -14,8 +14,10 @@ The same computation is available as an `evaluate` metric: `load_perplexity_metr
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,10 +31,15 @@ from tqdm.auto import tqdm
 
 from .data import (
     EVALUATION_TEXTS,
+    FILE_BUILDERS,
     check_builtin_available,
+    check_hub_datasets,
+    check_text_file,
     encode_documents,
     encode_text,
+    eval_token_stream,
     evaluation_tokens,
+    load_eval_rows,
     token_stream,
 )
 
@@ -195,46 +202,211 @@ def heldout_perplexity(model, tokenizer, names: Sequence[str] = EVALUATION_TEXTS
     return {name: perplexity(model, evaluation_tokens(name, tokenizer, max_tokens), **kwargs) for name in names}
 
 
+EVAL_CONVENTIONS = ("field", "documents")
+_DATASET_FIELDS = ("eval_dataset_name", "eval_dataset_config_name", "eval_split", "eval_file", "eval_text_column",
+                   "eval_convention", "eval_seqlen")
+_TASK_FIELDS = ("tasks", "num_fewshot", "task_limit", "task_include_path")
+
+
 @dataclass
 class EvalArguments:
-    """Held-out perplexity, before and after compression."""
+    """Held-out perplexity (built-in texts, a Hub dataset or a local file) and harness tasks, before and after
+    compression."""
 
-    eval_texts: list[str] = field(default_factory=lambda: ["kjv", "pydoc"], metadata={
-        "help": f"Built-in held-out texts to evaluate on ({', '.join(EVALUATION_TEXTS)}); never trained on."})
+    eval_texts: list[str] | None = field(default=None, metadata={
+        "help": f"Built-in held-out texts to evaluate on ({', '.join(EVALUATION_TEXTS)}; 'none' for none); never "
+                "trained on. Default: kjv and pydoc, or none when --eval_dataset_name or --eval_file is given."})
     eval_max_tokens: int | None = field(default=8192, metadata={
-        "help": "Evaluate on the first N tokens of each text (None: all of it)."})
-    eval_max_length: int = field(default=512, metadata={"help": "Sliding-window length (tokens)."})
+        "help": "Evaluate on the first N tokens of each built-in text (None: all of it); also of the evaluation "
+                "dataset under --eval_convention documents."})
+    eval_max_length: int = field(default=512, metadata={
+        "help": "Sliding-window length (tokens) for the built-in texts (and --eval_convention documents)."})
     eval_stride: int | None = field(default=None, metadata={
         "help": "Tokens between window starts; default eval_max_length (no overlap)."})
     eval_batch_size: int = field(default=4, metadata={"help": "Windows per forward pass."})
     skip_dense_eval: bool = field(default=False, metadata={"help": "Do not evaluate the model before compression."})
+    eval_dataset_name: str | None = field(default=None, metadata={
+        "help": "Perplexity on a dataset for `datasets.load_dataset` (a Hub id such as 'wikitext', or a local "
+                "folder), split --eval_split, column --eval_text_column."})
+    eval_dataset_config_name: str | None = field(default=None, metadata={
+        "help": "The configuration of eval_dataset_name (e.g. 'wikitext-2-raw-v1')."})
+    eval_split: str = field(default="test", metadata={"help": "The split of eval_dataset_name to evaluate on."})
+    eval_file: str | None = field(default=None, metadata={
+        "help": "Perplexity on a local file (.txt: the whole file as one text; .json/.jsonl/.csv/.parquet: "
+                "the rows of --eval_text_column)."})
+    eval_text_column: str = field(default="text", metadata={
+        "help": "The column of the evaluation dataset or file that holds the text."})
+    eval_convention: str = field(default="field", metadata={
+        "help": "How the evaluation dataset is scored. 'field' (the pruning literature's WikiText-2 protocol, "
+                "SparseGPT/Wanda): all rows joined with blank lines, tokenized once, the whole split cut into "
+                "non-overlapping windows of --eval_seqlen tokens, the last partial window dropped. 'documents': "
+                "each row a document followed by EOS (as in training), scored like the built-in texts "
+                "(eval_max_length, eval_stride, eval_max_tokens)."})
+    eval_seqlen: int | None = field(default=None, metadata={
+        "help": "Window length of --eval_convention field; default the model's context, at most 2048 (the "
+                "papers' 2048 for LLaMA/OPT)."})
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-evaluation-harness tasks, groups or presets to score (needs `pip install 'pilot-hf[eval]'`): "
+                "'zeroshot7' = boolq rte hellaswag winogrande arc_easy arc_challenge openbookqa (need the Hub); "
+                "'pilot_kjv_next_verse' = pilot-hf's own offline task."})
+    num_fewshot: int | None = field(default=None, metadata={
+        "help": "Few-shot examples per task prompt; default each task's own (0 for the zeroshot7 tasks)."})
+    task_limit: float | None = field(default=None, metadata={
+        "help": "Score only the first N documents of each task (a fraction < 1: that share). For quick looks; "
+                "reported numbers use every document."})
+    task_batch_size: int = field(default=8, metadata={"help": "Requests per forward pass of the task evaluation."})
+    task_include_path: str | None = field(default=None, metadata={
+        "help": "A folder of your own harness task YAML files (the harness's --include_path)."})
 
     def __post_init__(self):
+        if self.eval_texts is None:
+            self.eval_texts = [] if self.has_dataset else ["kjv", "pydoc"]
+        self.eval_texts = [t for t in self.eval_texts if t.lower() != "none"]
         unknown = [t for t in self.eval_texts if t not in EVALUATION_TEXTS]
         if unknown:
-            raise ValueError(f"eval_texts {unknown} are not built-in held-out texts; choose among {EVALUATION_TEXTS}.")
-        for name in ("eval_max_tokens", "eval_stride"):
+            raise ValueError(f"eval_texts {unknown} are not built-in held-out texts; choose among {EVALUATION_TEXTS} "
+                             "(or 'none'). For a dataset of your own use --eval_dataset_name or --eval_file.")
+        for name in ("eval_max_tokens", "eval_stride", "eval_seqlen"):
             if getattr(self, name) is not None and getattr(self, name) < 2:
                 raise ValueError(f"{name}={getattr(self, name)}: give at least 2 tokens (or None).")
-        if self.eval_max_length < 2 or self.eval_batch_size < 1:
-            raise ValueError(f"eval_max_length={self.eval_max_length} must be ≥ 2 and eval_batch_size="
-                             f"{self.eval_batch_size} ≥ 1.")
+        if self.eval_max_length < 2 or self.eval_batch_size < 1 or self.task_batch_size < 1:
+            raise ValueError(f"eval_max_length={self.eval_max_length} must be ≥ 2, eval_batch_size="
+                             f"{self.eval_batch_size} and task_batch_size={self.task_batch_size} ≥ 1.")
         if self.eval_stride is not None and self.eval_stride > self.eval_max_length:
             raise ValueError(f"eval_stride={self.eval_stride} > eval_max_length={self.eval_max_length} would skip "
                              "tokens; use a stride ≤ the window length.")
+        if self.eval_dataset_name is not None and self.eval_file is not None:
+            raise ValueError(f"give eval_dataset_name ({self.eval_dataset_name!r}) or eval_file ({self.eval_file!r}), "
+                             "not both.")
+        if self.eval_file is not None and os.path.splitext(self.eval_file)[1].lower() not in FILE_BUILDERS:
+            raise ValueError(f"eval_file={self.eval_file!r} has an unsupported extension; use one of "
+                             f"{sorted(FILE_BUILDERS)}.")
+        if self.eval_convention not in EVAL_CONVENTIONS:
+            raise ValueError(f"eval_convention must be one of {EVAL_CONVENTIONS}, got {self.eval_convention!r}.")
+        if self.has_dataset and self.dataset_label in self.eval_texts:
+            raise ValueError(f"the evaluation dataset's label {self.dataset_label!r} is also a built-in text in "
+                             "eval_texts; rename the file or drop it from eval_texts.")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot={self.num_fewshot} must be ≥ 0 (or None for each task's default).")
+        if self.task_limit is not None and self.task_limit <= 0:
+            raise ValueError(f"task_limit={self.task_limit} must be > 0 (or None for every document).")
+        if not self.eval_texts and not self.has_dataset and not self.tasks:
+            raise ValueError("nothing to evaluate: eval_texts is 'none' and no --eval_dataset_name, --eval_file or "
+                             "--tasks is given.")
+
+    @property
+    def has_dataset(self) -> bool:
+        return self.eval_dataset_name is not None or self.eval_file is not None
+
+    @property
+    def dataset_label(self) -> str | None:
+        """The evaluation dataset's name in results and tables: the config name when it names the dataset
+        ('wikitext-2-raw-v1'), else '<dataset>-<config>'; a file's stem; '-<split>' unless the split is 'test'."""
+        if self.eval_file is not None:
+            return Path(self.eval_file).stem
+        if self.eval_dataset_name is None:
+            return None
+        base = Path(self.eval_dataset_name.rstrip("/")).name
+        config = self.eval_dataset_config_name
+        label = config if config and config.startswith(base) else f"{base}-{config}" if config else base
+        return label + ("" if self.eval_split == "test" else f"-{self.eval_split}")
+
+    def dataset_source(self) -> dict | None:
+        """Where the evaluation dataset comes from, as recorded with its result (and in the model card)."""
+        if not self.has_dataset:
+            return None
+        return {"dataset": self.eval_dataset_name or self.eval_file, "config": self.eval_dataset_config_name,
+                "split": self.eval_split if self.eval_dataset_name else None, "file": self.eval_file is not None,
+                "convention": self.eval_convention, "text_column": self.eval_text_column}
+
+    def settings(self) -> dict:
+        """What the numbers depend on (a sweep compares it on resume): batch sizes and skip_dense_eval are left
+        out, and the dataset and task fields when no dataset or task is evaluated (so earlier records match)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("eval_batch_size", "skip_dense_eval",
+                                                                  "task_batch_size")}
+        for name in (_DATASET_FIELDS if not self.has_dataset else ()) + (_TASK_FIELDS if not self.tasks else ()):
+            out.pop(name)
+        return out
+
+    def eval_rows(self) -> list[str]:
+        """The evaluation dataset's text rows (loaded once)."""
+        return _eval_rows(self.eval_dataset_name, self.eval_dataset_config_name, self.eval_split, self.eval_file,
+                          self.eval_text_column)
 
     def check_sources(self) -> None:
-        """Every evaluation text can be read here (checked before any model is loaded)."""
+        """Every evaluation text, dataset and task can be read here (checked before any model is loaded): the
+        built-in texts exist, the dataset is reachable (offline: cached) and loads with its split and column,
+        the tasks are known to the harness and their Hub datasets can be reached."""
         for name in self.eval_texts:
             check_builtin_available(name)
+        if self.eval_file is not None:
+            check_text_file(self.eval_file, "eval_file")
+        # Everything that needs the Hub is checked at once, so offline the user reads one paragraph.
+        needed, what, hints = [], [], []
+        if self.eval_dataset_name is not None and not Path(self.eval_dataset_name).expanduser().exists():
+            needed.append((self.eval_dataset_name, self.eval_dataset_config_name))
+            what.append(f"--eval_dataset_name {self.eval_dataset_name}")
+            hints.append("Offline, evaluate perplexity on a local file (--eval_file) or the built-in texts "
+                         "(--eval_texts).")
+        if self.tasks:
+            from .harness import OFFLINE_TASK_HINT, task_hub_datasets
+
+            task_datasets = task_hub_datasets(self.tasks, self.task_include_path)
+            if task_datasets:
+                needed += task_datasets
+                what.append(f"--tasks {' '.join(self.tasks)}")
+                hints.append(OFFLINE_TASK_HINT)
+        if needed:
+            check_hub_datasets(list(dict.fromkeys(needed)), what=" and ".join(what), offline_hint=" ".join(hints))
+        if self.has_dataset:
+            self.eval_rows()
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_rows(name, config, split, file, column) -> list[str]:
+    return load_eval_rows(name, config, split, file, column)
+
+
+def dataset_perplexity(model, tokenizer, args: EvalArguments) -> PerplexityResult:
+    """Perplexity on the evaluation dataset of `args` by its convention (EvalArguments.eval_convention)."""
+    ids = eval_token_stream(args.eval_rows(), tokenizer, args.eval_convention)
+    if args.eval_convention == "documents":
+        ids = ids[:args.eval_max_tokens] if args.eval_max_tokens is not None else ids
+        return perplexity(model, ids, max_length=args.eval_max_length, stride=args.eval_stride,
+                          batch_size=args.eval_batch_size)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    seqlen = args.eval_seqlen or min(context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    windows = len(ids) // seqlen
+    if windows == 0:
+        raise ValueError(f"the evaluation dataset has {len(ids)} tokens, fewer than one window of eval_seqlen="
+                         f"{seqlen}; lower --eval_seqlen.")
+    # The field's loop: nsamples = numel // seqlen windows, each scoring its seqlen - 1 predicted tokens.
+    return perplexity(model, ids[:windows * seqlen], max_length=seqlen, stride=seqlen,
+                      batch_size=args.eval_batch_size)
 
 
 def evaluate_model(model, tokenizer, args: EvalArguments) -> dict[str, dict]:
-    """Held-out perplexity on each of `args.eval_texts`, as JSON-ready dicts."""
+    """Held-out perplexity on each of `args.eval_texts` and on the evaluation dataset (under its
+    `dataset_label`, with a 'source' entry), as JSON-ready dicts. Tasks: `evaluate_model_tasks`."""
     results = heldout_perplexity(model, tokenizer, args.eval_texts, max_tokens=args.eval_max_tokens,
                                  max_length=args.eval_max_length, stride=args.eval_stride,
                                  batch_size=args.eval_batch_size)
-    return {name: r.to_dict() for name, r in results.items()}
+    out = {name: r.to_dict() for name, r in results.items()}
+    if args.has_dataset:
+        out[args.dataset_label] = {**dataset_perplexity(model, tokenizer, args).to_dict(),
+                                   "source": args.dataset_source()}
+    return out
+
+
+def evaluate_model_tasks(model, tokenizer, args: EvalArguments) -> dict | None:
+    """The harness tasks of `args` on `model` as JSON-ready TaskResults (None when no tasks are given)."""
+    if not args.tasks:
+        return None
+    from .harness import evaluate_tasks
+
+    results, _ = evaluate_tasks(model, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.task_limit,
+                                batch_size=args.task_batch_size, include_path=args.task_include_path)
+    return results.to_dict()
 
 
 def load_perplexity_metric(**kwargs):
