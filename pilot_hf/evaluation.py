@@ -283,9 +283,9 @@ class EvalArguments:
                              f"{sorted(FILE_BUILDERS)}.")
         if self.eval_convention not in EVAL_CONVENTIONS:
             raise ValueError(f"eval_convention must be one of {EVAL_CONVENTIONS}, got {self.eval_convention!r}.")
-        if self.has_dataset and self.dataset_label in self.eval_texts:
+        if self.has_dataset and (self.dataset_label in self.eval_texts or self.dataset_label == "tasks"):
             raise ValueError(f"the evaluation dataset's label {self.dataset_label!r} is also a built-in text in "
-                             "eval_texts; rename the file or drop it from eval_texts.")
+                             "eval_texts (or the results' 'tasks' entry); rename the file or drop it from eval_texts.")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ValueError(f"num_fewshot={self.num_fewshot} must be ≥ 0 (or None for each task's default).")
         if self.task_limit is not None and self.task_limit <= 0:

@@ -11,7 +11,7 @@ task to its datasets before any model is loaded and fails with one paragraph whe
 (offline, or unreachable, and not cached). pilot-hf ships one task of its own that needs no network,
 `pilot_kjv_next_verse` (pilot_hf/tasks/): a harness YAML task over a JSONL file of the package, built by
 `build_next_verse_docs` from the held-out part of the King James Bible (never seen by training or
-calibration): given two consecutive sentences, pick the sentence that follows among four.
+calibration): given a sentence, pick the sentence that follows it among four.
 """
 
 from __future__ import annotations
@@ -74,27 +74,27 @@ def expand_tasks(names: Sequence[str]) -> list[str]:
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z(\[])")
 
 
-def build_next_verse_docs(text: str, num_docs: int = 400, num_choices: int = 4, seed: int = 0) -> list[dict]:
-    """Multiple-choice documents {context, choices, label} from `text` (lines = chapters): the context is two
-    consecutive sentences of a chapter, the right choice the sentence after them, the others sentences of
-    other chapters of similar length (2/3x to 3/2x, so length alone does not give the answer). Deterministic:
-    documents are spread evenly over the text; distractors and their order come from `seed`."""
+def build_next_verse_docs(text: str, num_docs: int = 300, num_choices: int = 4, seed: int = 0) -> list[dict]:
+    """Multiple-choice documents {context, choices, label} from `text` (lines = chapters): the context is a
+    sentence of a chapter, the right choice the sentence after it, the others sentences of other chapters of
+    similar length (2/3x to 3/2x, so length alone does not give the answer). Deterministic: documents are
+    spread evenly over the text; distractors and their order come from `seed`."""
     chapters = [[s.strip() for s in _SENTENCE_END.split(line) if s.strip()] for line in text.split("\n")]
-    pool = [(c, s) for c, sentences in enumerate(chapters) for s in sentences if 25 <= len(s) <= 250]
-    candidates = [(c, i) for c, sentences in enumerate(chapters) for i in range(2, len(sentences))
-                  if 25 <= len(sentences[i]) <= 250 and len(sentences[i - 2]) + len(sentences[i - 1]) <= 400]
+    usable = range(25, 251)  # characters: no fragments, no run-on lists of names
+    pool = sorted({(c, s) for c, sentences in enumerate(chapters) for s in sentences if len(s) in usable})
+    candidates = [(c, i) for c, sentences in enumerate(chapters) for i in range(1, len(sentences))
+                  if len(sentences[i]) in usable and len(sentences[i - 1]) in usable]
     if len(candidates) < num_docs:
-        raise ValueError(f"the text has {len(candidates)} usable sentences, fewer than num_docs={num_docs}.")
+        raise ValueError(f"the text has {len(candidates)} usable sentence pairs, fewer than num_docs={num_docs}.")
     docs = []
     for k in range(num_docs):
         c, i = candidates[k * len(candidates) // num_docs]
         answer = chapters[c][i]
         rng = random.Random(seed * 1_000_003 + k)
-        similar = [s for other, s in pool if other != c and s != answer and 2 / 3 <= len(s) / len(answer) <= 3 / 2]
-        choices = rng.sample(sorted(set(similar)), num_choices - 1) + [answer]
+        similar = sorted({s for other, s in pool if other != c and s != answer and 2 / 3 <= len(s) / len(answer) <= 3 / 2})
+        choices = rng.sample(similar, num_choices - 1) + [answer]
         rng.shuffle(choices)
-        docs.append({"context": f"{chapters[c][i - 2]} {chapters[c][i - 1]}", "choices": choices,
-                     "label": choices.index(answer)})
+        docs.append({"context": chapters[c][i - 1], "choices": choices, "label": choices.index(answer)})
     return docs
 
 

@@ -9,7 +9,9 @@ huggingface_hub looks (HF_TOKEN, the `hf auth login` cache) and is never written
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import math
 import re
 import tempfile
@@ -29,8 +31,13 @@ from .serialization import (
     is_compressed,
 )
 
+logger = logging.getLogger(__name__)
+
 TEMPLATE_NAME = "pilot_model_card.md.j2"
 README_NAME = "README.md"
+SPARSITY_FIGURE_NAME = "sparsity_layers.png"  # beside sparsity_report.json
+HARNESS_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+_METRIC_NAMES = {"acc": "accuracy", "acc_norm": "normalized accuracy"}
 
 CITATION = """@inproceedings{jacobs2025mask,
   title     = {Mask in the Mirror: Implicit Sparsification},
@@ -83,9 +90,14 @@ class CardInfo:
     compressed: bool = False  # the checkpoint uses the pilot_sparse compressed format
     training_data: str | None = None  # free-text description (e.g. built-in offline text sources)
     method_description: str | None = None  # overrides METHODS' description
+    task_results: list[dict] = field(default_factory=list)  # harness task accuracies, see TASK_RESULT_KEYS
+    sparsity_figure: str | None = None  # file name (beside README.md) of the per-layer sparsity figure
 
     # One perplexity result: dataset (Hub id or name), sparse_perplexity required.
     RESULT_KEYS = ("dataset", "dataset_name", "dataset_config", "split", "dense_perplexity", "sparse_perplexity")
+    # One task result (lm-evaluation-harness): task, metric ('acc', 'acc_norm') and sparse_value required.
+    TASK_RESULT_KEYS = ("task", "metric", "sparse_value", "dense_value", "stderr", "dataset", "dataset_config",
+                        "split", "num_fewshot", "harness_version")
 
     def __post_init__(self):
         report = self.sparsity_report
@@ -97,6 +109,11 @@ class CardInfo:
             if unknown or "dataset" not in result or "sparse_perplexity" not in result:
                 raise ValueError(f"results[{i}] = {result}: give 'dataset' and 'sparse_perplexity' (optional: "
                                  f"{', '.join(self.RESULT_KEYS[1:5])}); unknown keys: {sorted(unknown)}.")
+        for i, result in enumerate(self.task_results):
+            unknown = set(result) - set(self.TASK_RESULT_KEYS)
+            if unknown or not {"task", "metric", "sparse_value"} <= set(result):
+                raise ValueError(f"task_results[{i}] = {result}: give 'task', 'metric' and 'sparse_value' (optional: "
+                                 f"{', '.join(self.TASK_RESULT_KEYS[3:])}); unknown keys: {sorted(unknown)}.")
         if isinstance(self.tags, str) or isinstance(self.datasets, str):
             raise TypeError("tags and datasets are lists of strings.")
 
@@ -155,6 +172,15 @@ def render_model_card(info: CardInfo | dict, template_path: str | Path | None = 
                    dataset_split=r.get("split"), metric_type="perplexity", metric_name="Perplexity",
                    metric_value=float(r["sparse_perplexity"]))
         for r in info.results
+    ] + [
+        EvalResult(task_type="text-generation", task_name="Text Generation",
+                   dataset_type=r.get("dataset") or r["task"], dataset_name=r["task"],
+                   dataset_config=r.get("dataset_config"), dataset_split=r.get("split"),
+                   dataset_args={"num_few_shot": r["num_fewshot"]} if r.get("num_fewshot") is not None else None,
+                   metric_type=r["metric"], metric_name=_METRIC_NAMES.get(r["metric"], r["metric"]),
+                   metric_value=float(r["sparse_value"]),
+                   source_name=f"lm-evaluation-harness {r.get('harness_version') or ''}".strip(), source_url=HARNESS_URL)
+        for r in info.task_results
     ]
     tags = ["sparse", "pilot", "pruned"] + (["pilot_sparse"] if info.compressed else []) + list(info.tags)
     card_data = ModelCardData(
@@ -176,6 +202,15 @@ def render_model_card(info: CardInfo | dict, template_path: str | Path | None = 
             name += f" ({r['dataset_config']})"
         results.append({"dataset": _cell(name), "split": _cell(r.get("split") or "–"),
                         "dense": _fmt_ppl(dense), "sparse": _fmt_ppl(sparse), "change": change})
+    tasks = []
+    for r in info.task_results:
+        dense, sparse = r.get("dense_value"), float(r["sparse_value"])
+        stderr = f" ± {100 * r['stderr']:.2f}" if r.get("stderr") is not None else ""
+        tasks.append({"task": _cell(r["task"]), "metric": _cell(r["metric"]),
+                      "shots": r.get("num_fewshot") if r.get("num_fewshot") is not None else "–",
+                      "dense": "–" if dense is None else f"{100 * dense:.2f}", "sparse": f"{100 * sparse:.2f}{stderr}",
+                      "change": "–" if dense is None else f"{100 * (sparse - dense):+.2f}"})
+    harness = sorted({r.get("harness_version") for r in info.task_results if r.get("harness_version")})
     title, description = DESCRIPTIONS.get(info.method.lower(), (info.method, ""))
     from . import __version__
 
@@ -192,7 +227,8 @@ def render_model_card(info: CardInfo | dict, template_path: str | Path | None = 
                          for k, v in info.hyperparameters.items()],
         pattern=info.pattern, pattern_text=f"{info.pattern} pattern" if info.pattern else "unstructured",
         command=redact(info.command) if info.command else None,
-        results=results, layers=layers, num_layers=len(layers),
+        results=results, tasks=tasks, harness_version=", ".join(harness) or None, harness_url=HARNESS_URL,
+        sparsity_figure=info.sparsity_figure, layers=layers, num_layers=len(layers),
         total_numel=f"{report['total']['numel']:,}", total_zeros=f"{report['total']['zeros']:,}",
         total_sparsity_pct=_pct(report["total"]["sparsity"]),
         compressed=info.compressed, training_data=info.training_data,
@@ -217,11 +253,67 @@ def card_info_for_run(settings: dict, sparsity_report: dict, *, base_model: str,
                     **fields_)
 
 
-def write_model_card(output_dir: str | Path, info: CardInfo | dict, template_path: str | Path | None = None) -> Path:
-    """Render the card and write it to `output_dir/README.md`; returns that path."""
+def write_model_card(output_dir: str | Path, info: CardInfo | dict, template_path: str | Path | None = None,
+                     figure: bool = True) -> Path:
+    """Render the card and write it to `output_dir/README.md`; returns that path. With `figure` (and the
+    `plot` extra installed) the per-layer sparsity figure is drawn beside it first and linked from the card."""
+    info = info if isinstance(info, CardInfo) else CardInfo.from_dict(info)
+    if figure and info.sparsity_figure is None and \
+            write_sparsity_figure(info.sparsity_report, Path(output_dir) / SPARSITY_FIGURE_NAME) is not None:
+        info = dataclasses.replace(info, sparsity_figure=SPARSITY_FIGURE_NAME)
     path = Path(output_dir) / README_NAME
     render_model_card(info, template_path).save(path)
     return path
+
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def sparsity_grid(sparsity_report: dict) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """(row labels, column labels, sparsity[row][col]) of the pruned layers: one row per decoder block (the
+    first '.<n>.' in a layer's name), one column per projection (the rest of the name, e.g. 'self_attn.q_proj');
+    layers outside numbered blocks (e.g. lm_head) get a row of their own. None where a block lacks a column."""
+    cells: dict[tuple[str, str], float] = {}
+    for name, row in sparsity_report["layers"].items():
+        match = _BLOCK_INDEX.search(name)
+        key = (match.group(1), name[match.end():]) if match else (name, "")
+        cells[key] = row["sparsity"]
+    blocks = sorted({b for b, _ in cells if b.isdigit()}, key=int) + sorted({b for b, _ in cells if not b.isdigit()})
+    columns = list(dict.fromkeys(c for _, c in cells))
+    return blocks, columns, [[cells.get((b, c)) for c in columns] for b in blocks]
+
+
+def write_sparsity_figure(sparsity_report: dict, path: str | Path) -> Path | None:
+    """Draw the per-layer sparsity heat map (blocks x projections, `sparsity_grid`) to `path` (PNG). Needs the
+    `plot` extra (matplotlib): without it nothing is drawn, a note is logged and None is returned."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.info("matplotlib is not installed, so the per-layer sparsity figure %s was not drawn "
+                    "(pip install 'pilot-hf[plot]'); sparsity_report.json has the same numbers.", Path(path).name)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, columns, grid = sparsity_grid(sparsity_report)
+    if not rows:
+        return None
+    values = np.array([[np.nan if v is None else 100 * v for v in r] for r in grid], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.1 * len(columns) + 2.5, 0.28 * len(rows) + 1.6))
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=100, interpolation="nearest")
+    ax.set_xticks(range(len(columns)), [c.rsplit(".", 1)[-1] or "(layer)" for c in columns], rotation=45,
+                  ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 24 else 8)
+    ax.set_xlabel("projection")
+    ax.set_ylabel("block")
+    total = sparsity_report["total"]["sparsity"]
+    ax.set_title(f"sparsity per layer (%), {100 * total:.2f}% in total", fontsize=9)
+    fig.colorbar(image, ax=ax, label="zeros (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------------

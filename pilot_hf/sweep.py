@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import default_data_collator
 
 from .data import DataArguments, calibration_blocks, prepare_lm_datasets
-from .evaluation import EvalArguments, evaluate_model
+from .evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from .loading import ModelArguments, load_model
 from .methods import ALL_METHODS, DENSE, MethodSpec
 from .pruning import SparsityPattern
@@ -77,8 +77,7 @@ def cell_settings(spec: MethodSpec, sparsity_spec: str, model_args: ModelArgumen
                   eval_args: EvalArguments, training_args: PILoTTrainingArguments) -> dict:
     """What a cell's numbers depend on (stored with the cell, compared on resume): the model, the evaluation,
     and for trained cells the run settings record, for calibrated ones the calibration data."""
-    settings = {"model": asdict(model_args), "eval": {k: v for k, v in asdict(eval_args).items()
-                                                      if k not in ("eval_batch_size", "skip_dense_eval")}}
+    settings = {"model": asdict(model_args), "eval": eval_args.settings()}
     if spec.trained or spec.calibrates:
         settings["data"] = {k: v for k, v in asdict(data_args).items() if k not in ("preprocessing_num_workers",
                                                                                      "overwrite_cache")}
@@ -145,6 +144,11 @@ def run_cell(base_model, tokenizer, spec: MethodSpec, sparsity_spec: str, traini
                       pattern=pattern, config=training_args.pilot_config())
     elapsed = time.perf_counter() - start
     ppl = evaluate_model(model, tokenizer, eval_args)
+    tasks = evaluate_model_tasks(model, tokenizer, eval_args)
+    if tasks is not None:  # accuracies in the table; the harness's full entries (stderr, samples) beside them
+        extra.update(tasks={name: {k: v for k, v in r.items() if k in ("acc", "acc_norm")}
+                            for name, r in tasks["tasks"].items()},
+                     task_results=tasks, task_eval_s=tasks["elapsed_s"])
     actual = sparsity_report(model, training_args.pilot_config())["total"]["sparsity"] if spec.name != DENSE else 0.0
     return {"method": str(spec), "sparsity": sparsity_spec, "pattern": pattern, "actual_sparsity": actual,
             "time_s": elapsed, "perplexity": {k: v["perplexity"] for k, v in ppl.items()}, **extra}
@@ -188,11 +192,25 @@ def sweep(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalA
     return results
 
 
+def _task_cells(r: dict, tasks: list[str]) -> list[str]:
+    """acc per task (in %), their mean when there are several, and the task evaluation's wall time."""
+    accs = [r.get("tasks", {}).get(t, {}).get("acc") for t in tasks]
+    cells = ["" if a is None else f"{100 * a:.2f}" for a in accs]
+    if len(tasks) > 1:
+        cells.append(f"{100 * sum(accs) / len(accs):.2f}" if all(a is not None for a in accs) else "")
+    return cells + [f"{r['task_eval_s']:.1f}" if "task_eval_s" in r else ""]
+
+
 def write_tables(results: list[dict], out: Path, config: dict | None = None) -> None:
     texts = sorted({t for r in results for t in r["perplexity"]})
-    header = ["method", "sparsity", "actual_sparsity", *[f"ppl_{t}" for t in texts], "time_s", "tokens_trained"]
+    tasks = list(dict.fromkeys(t for r in results for t in r.get("tasks", {})))
+    task_header = [*[f"acc_{t}" for t in tasks], *(["acc_mean"] if len(tasks) > 1 else []), "task_eval_s"] \
+        if tasks else []
+    header = ["method", "sparsity", "actual_sparsity", *[f"ppl_{t}" for t in texts], *task_header, "time_s",
+              "tokens_trained"]
     rows = [[r["method"], r["sparsity"], f"{r['actual_sparsity']:.4f}",
-             *[f"{r['perplexity'].get(t, float('nan')):.3f}" for t in texts], f"{r['time_s']:.1f}",
+             *[f"{r['perplexity'].get(t, float('nan')):.3f}" for t in texts],
+             *(_task_cells(r, tasks) if tasks else []), f"{r['time_s']:.1f}",
              r.get("tokens_trained", 0)] for r in results]
     with open(out / "results.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
@@ -201,7 +219,8 @@ def write_tables(results: list[dict], out: Path, config: dict | None = None) -> 
     (out / "results.md").write_text("\n".join(md) + "\n")
     if config is not None:
         write_json(out / "sweep_config.json", config)
-    plot(results, texts, out / "perplexity_vs_sparsity.png")
+    if texts:  # a sweep of tasks alone has no perplexity to draw
+        plot(results, texts, out / "perplexity_vs_sparsity.png")
 
 
 def plot(results: list[dict], texts: list[str], path: Path) -> None:

@@ -10,13 +10,13 @@ from pathlib import Path
 from transformers import default_data_collator
 
 from ..data import DataArguments, prepare_lm_datasets
-from ..evaluation import EvalArguments, evaluate_model
+from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..runs import OutputFolder, write_json
 from ..trainer import CHECKPOINT_FILES, PILoTTrainer, latest_checkpoint
 from ..training_args import PILoTTrainingArguments
 from .arguments import RunArguments
-from .report import card_results, run_record, summary_table
+from .report import card_results, card_task_results, run_record, summary_table, task_table
 
 HELP = "PILoT: train masks to a target sparsity, prune, merge, evaluate and save."
 ARGUMENTS = (ModelArguments, DataArguments, EvalArguments, PILoTTrainingArguments, RunArguments)
@@ -90,6 +90,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
         PILoTTrainer.check_pattern(model, training_args)
         lm_data = prepare_lm_datasets(data_args, tokenizer, model)
         dense = None if eval_args.skip_dense_eval or not is_main else evaluate_model(model, tokenizer, eval_args)
+        dense_tasks = None if eval_args.skip_dense_eval or not is_main else \
+            evaluate_model_tasks(model, tokenizer, eval_args)
         training_args.output_dir = str(checkpoints)  # Trainer writes its checkpoints into its output_dir
         # Packed blocks all have block_size tokens: stack them, no padding (tokenizers may have no pad token).
         trainer = PILoTTrainer(model=model, args=training_args, train_dataset=lm_data["train"],
@@ -101,12 +103,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
         if is_main:
             (output.staging / "training_args.bin").unlink(missing_ok=True)  # the result: safetensors and JSON
             sparse = evaluate_model(trainer.model, tokenizer, eval_args)
+            sparse_tasks = evaluate_model_tasks(trainer.model, tokenizer, eval_args)
             tokens = (trainer.state.global_step * training_args.train_batch_size * training_args.world_size
                       * training_args.gradient_accumulation_steps * len(lm_data["train"][0]["input_ids"]))
             metrics = {"train": train_output.metrics, "sparsity_report_total": trainer.sparsity_report["total"],
                        "alpha_history": trainer.controller.history, "world_size": training_args.world_size,
                        "dense": dense, "sparse": sparse, "elapsed_s": time.perf_counter() - start,
-                       "tokens_trained": tokens}
+                       "tokens_trained": tokens,
+                       **({"tasks": {"dense": dense_tasks, "sparse": sparse_tasks}} if eval_args.tasks else {})}
             record = run_record("compress", argv, model=asdict(model_args), data=asdict(data_args),
                                 eval=asdict(eval_args),
                                 settings={**training_args.run_settings(), "max_steps": trainer.state.max_steps})
@@ -117,9 +121,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
 
             write_model_card(output.staging, trainer.card_info(
                 results=card_results(dense, sparse), base_model=base_model, command=record["command"],
+                task_results=card_task_results(dense_tasks, sparse_tasks),
                 training_data=f"{data_args.dataset_name or data_args.train_file} (train split)"))
         trainer.accelerator.wait_for_everyone()
     if is_main:
+        if sparse_tasks:
+            print(task_table(dense_tasks, sparse_tasks))
         print(summary_table(dense, sparse, trainer.sparsity_report["total"]["sparsity"], output.final,
                             time.perf_counter() - start, checkpoints if checkpoints.is_dir() else None))
         return metrics

@@ -1,15 +1,18 @@
-"""`pilot-hf evaluate`: held-out perplexity of a model (dense, sparse or compressed)."""
+"""`pilot-hf evaluate`: perplexity (built-in texts, a Hub dataset, a local file) and lm-evaluation-harness tasks
+of a model (dense, sparse or compressed), scored in memory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..evaluation import EvalArguments, evaluate_model
+from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from ..loading import ModelArguments, check_model_source, load_model
 from ..runs import write_json
 from .arguments import EvaluateArguments
+from .report import task_table
 
-HELP = "Held-out perplexity of a model."
+HELP = ("Perplexity (built-in texts, --eval_dataset_name, --eval_file) and lm-evaluation-harness tasks (--tasks) "
+        "of a model.")
 ARGUMENTS = (ModelArguments, EvalArguments, EvaluateArguments)
 
 
@@ -20,12 +23,17 @@ def run(model_args: ModelArguments, eval_args: EvalArguments, args: EvaluateArgu
     if out is not None and out.is_dir():
         raise ValueError(f"--output_file {out} is a folder; give a file name (e.g. {out / 'eval.json'}).")
     check_model_source(model_args)
-    eval_args.check_sources()
+    eval_args.check_sources()  # the Hub and the harness are checked here, before the model is loaded
     model, tokenizer = load_model(model_args)
     results = evaluate_model(model, tokenizer, eval_args)
-    print("| text | perplexity | tokens | tokens/s |\n|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['perplexity']:.3f} | {r['tokens_scored']} | {r['tokens_per_s']:.0f} |")
+    if results:
+        print("| text | perplexity | tokens | tokens/s |\n|---|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r['perplexity']:.3f} | {r['tokens_scored']} | {r['tokens_per_s']:.0f} |")
+    tasks = evaluate_model_tasks(model, tokenizer, eval_args)
+    if tasks is not None:
+        print(task_table(None, tasks))
+        results = {**results, "tasks": tasks}  # beside the texts' results (a text is never named 'tasks')
     if out is not None:
         write_json(out, results)
     return results

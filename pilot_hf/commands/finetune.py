@@ -18,7 +18,7 @@ import torch
 from transformers import default_data_collator
 
 from ..data import DataArguments, prepare_lm_datasets
-from ..evaluation import EvalArguments, evaluate_model
+from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from ..hub import card_info_for_run, write_model_card
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..lora import check_sparse, count_zeros, merge_sparse_lora, prepare_sparse_lora, sparse_lora_config
@@ -26,7 +26,7 @@ from ..runs import OutputFolder, write_json
 from ..training_args import PILoTTrainingArguments
 from ..wrapping import find_target_layers, out_in_layout, sparsity_report
 from .compress import checkpoint_dir, refuse_stale_checkpoints, removed_if_empty, resolve_resume
-from .report import card_results, run_record, summary_table
+from .report import card_results, card_task_results, run_record, summary_table, task_table
 
 HELP = ("Fine-tune an already sparse model keeping every zero exactly: full fine-tuning, or LoRA (--lora) "
         "merged through the keep-mask; evaluate and save.")
@@ -188,6 +188,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
         pattern = model_pattern(model, config)
         lm_data = prepare_lm_datasets(data_args, tokenizer, model)
         dense = None if eval_args.skip_dense_eval or not is_main else evaluate_model(model, tokenizer, eval_args)
+        dense_tasks = None if eval_args.skip_dense_eval or not is_main else \
+            evaluate_model_tasks(model, tokenizer, eval_args)
         training_args.output_dir = str(checkpoints)
         data = dict(train_dataset=lm_data["train"], eval_dataset=lm_data.get("validation"), processing_class=tokenizer,
                     data_collator=default_data_collator)
@@ -223,12 +225,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
             report = sparsity_report(model, config)
             zeros_after = report["total"]["zeros"]
             sparse = evaluate_model(model, tokenizer, eval_args)
+            sparse_tasks = evaluate_model_tasks(model, tokenizer, eval_args)
             metrics = {"train": train_output.metrics, "mode": "lora" if ft_args.lora else "full",
                        "sparsity_before": sparsity_before, "sparsity_report_total": report["total"],
                        "zeros_before": zeros_before, "zeros_after": zeros_after, "sparsity_pattern": pattern,
                        "world_size": training_args.world_size, "dense": dense, "sparse": sparse,
                        "elapsed_s": time.perf_counter() - start,
-                       "note": "'dense' is the model as given (already sparse), before fine-tuning"}
+                       "note": "'dense' is the model as given (already sparse), before fine-tuning",
+                       **({"tasks": {"dense": dense_tasks, "sparse": sparse_tasks}} if eval_args.tasks else {})}
             settings = {**training_args.run_settings(), "max_steps": trainer.state.max_steps,
                         "method": "finetune", "sparsity": sparsity_before, "sparsity_pattern": pattern,
                         **lora_settings}
@@ -242,11 +246,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
                 card_settings, report, base_model=base_model, results=card_results(dense, sparse),
                 command=record["command"], method_description=DESCRIPTION_LORA if ft_args.lora else DESCRIPTION_FULL,
                 training_data=f"{data_args.dataset_name or data_args.train_file} (train split)",
-                tags=["finetune"] + (["lora"] if ft_args.lora else []))
+                tags=["finetune"] + (["lora"] if ft_args.lora else []),
+                task_results=card_task_results(dense_tasks, sparse_tasks))
             info.method = CARD_TITLE_LORA if ft_args.lora else CARD_TITLE_FULL  # DESCRIPTIONS' 'finetune' prunes
             write_model_card(output.staging, info)
         trainer.accelerator.wait_for_everyone()
     if is_main:
+        if sparse_tasks:
+            print(task_table(dense_tasks, sparse_tasks))
         print(summary_table(dense, sparse, report["total"]["sparsity"], output.final, time.perf_counter() - start,
                             checkpoints if checkpoints.is_dir() else None))
         return metrics

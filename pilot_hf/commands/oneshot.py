@@ -6,13 +6,13 @@ import time
 from dataclasses import asdict
 
 from ..data import calibration_samples, check_text_file
-from ..evaluation import EvalArguments, evaluate_model
+from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from ..hub import card_info_for_run, write_model_card
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..oneshot import OneShotArguments, oneshot_prune
 from ..runs import OutputFolder, write_json
 from .arguments import OutputArguments
-from .report import card_results, run_record, summary_table
+from .report import card_results, card_task_results, run_record, summary_table, task_table
 
 HELP = "One-shot pruning (magnitude, Wanda, SparseGPT), evaluate and save."
 ARGUMENTS = (ModelArguments, OneShotArguments, EvalArguments, OutputArguments)
@@ -33,6 +33,7 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
     with output:
         model, tokenizer = load_model(model_args)
         dense = None if eval_args.skip_dense_eval else evaluate_model(model, tokenizer, eval_args)
+        dense_tasks = None if eval_args.skip_dense_eval else evaluate_model_tasks(model, tokenizer, eval_args)
         calibration = None
         if os_args.calibrates:
             calibration = calibration_samples(tokenizer, os_args.calibration_data(), os_args.num_calibration_samples,
@@ -42,8 +43,10 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
         model.save_pretrained(output.staging)
         tokenizer.save_pretrained(output.staging)
         sparse = evaluate_model(model, tokenizer, eval_args)
+        sparse_tasks = evaluate_model_tasks(model, tokenizer, eval_args)
         metrics = {"dense": dense, "sparse": sparse, "prune_time_s": report.prune_time_s,
-                   "elapsed_s": time.perf_counter() - start}
+                   "elapsed_s": time.perf_counter() - start,
+                   **({"tasks": {"dense": dense_tasks, "sparse": sparse_tasks}} if eval_args.tasks else {})}
         record = run_record("oneshot", argv, model=asdict(model_args), eval=asdict(eval_args),
                             settings=os_args.run_settings())
         sparsity_report = {"layers": report.layers, "total": report.total}
@@ -52,6 +55,9 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
         write_json(output.staging / "run_config.json", record)
         write_model_card(output.staging, card_info_for_run(
             record["settings"], sparsity_report, base_model=base_model_id(model_args, model),
-            results=card_results(dense, sparse), command=record["command"]))
+            results=card_results(dense, sparse), command=record["command"],
+            task_results=card_task_results(dense_tasks, sparse_tasks)))
+    if sparse_tasks:
+        print(task_table(dense_tasks, sparse_tasks))
     print(summary_table(dense, sparse, report.total["sparsity"], output.final, time.perf_counter() - start))
     return metrics
