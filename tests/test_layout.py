@@ -39,7 +39,7 @@ LEVELS = {
     # L0 core
     "config": 0, "layers": 0, "pruning": 0, "methods": 0, "regularization": 0, "optim": 0, "assets": 0,
     # L1
-    "wrapping": 1, "data": 1, "evaluation": 1, "distillation": 1,
+    "wrapping": 1, "data": 1, "evaluation": 1, "distillation": 1, "harness": 1,
     "metrics": 1,  # the `evaluate` metric script (metrics/perplexity/perplexity.py) wraps evaluation.perplexity
     # L2
     "oneshot": 2, "serialization": 2, "hub": 2, "loading": 2, "lora": 2,
