@@ -299,3 +299,35 @@ def test_harness_is_optional(tmp_path):
                          cwd=Path(__file__).parent)
     assert out.returncode == 0, out.stderr
     assert "pip install 'pilot-hf[eval]'" in out.stdout
+
+
+def test_sweep_scores_tasks_per_cell_and_refuses_to_mix_task_settings(tmp_path):
+    from pilot_hf import sweep as S
+    from pilot_hf.data import DataArguments
+    from pilot_hf.loading import ModelArguments
+    from pilot_hf.runs import OutputError
+    from pilot_hf.training_args import PILoTTrainingArguments
+
+    folder = tmp_path / "model"
+    byte_model(context=1024).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+    def run(limit):
+        ev = EvalArguments(eval_texts=["pydoc"], eval_max_tokens=256, eval_max_length=64,
+                           tasks=[harness.OWN_TASK], task_limit=limit)
+        targs = PILoTTrainingArguments(output_dir=str(tmp_path / "sweep"), max_steps=2, report_to="none",
+                                       use_cpu=True, num_calibration_samples=2)
+        return S.sweep(ModelArguments(model_name_or_path=str(folder)),
+                       DataArguments(dataset_name="builtin:pydoc", block_size=32, validation_split_percentage=0), ev,
+                       targs, S.SweepArguments(methods=["dense", "magnitude"], sparsities=["0.5"]))
+
+    results = run(8)
+    by_method = {r["method"]: r for r in results}
+    direct, _ = harness.evaluate_tasks(byte_model(context=1024), byte_tokenizer(), [harness.OWN_TASK], limit=8)
+    assert by_method["dense"]["tasks"][harness.OWN_TASK] == {
+        k: direct.tasks[harness.OWN_TASK][k] for k in ("acc", "acc_norm")}
+    assert by_method["magnitude"]["task_results"]["tasks"][harness.OWN_TASK]["samples"] == 8
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert f"acc_{harness.OWN_TASK}" in table and "task_eval_s" in table
+    with pytest.raises(OutputError, match="task_limit"):
+        run(4)

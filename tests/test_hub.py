@@ -180,7 +180,9 @@ def test_push_calls_the_api(output_dir):
     assert upload["commit_message"] == "first" and Path(upload["folder_path"]) == output_dir
     assert upload["ignore_patterns"] == hub.IGNORE_PATTERNS
     uploaded = [name for name, _ in result.files]
-    assert uploaded == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    # the card's per-layer sparsity figure goes up with it (the Hub renders it in the card)
+    assert uploaded == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                        "sparsity_layers.png"]
     assert dict(result.files)["model.safetensors"] == (output_dir / "model.safetensors").stat().st_size
     assert result.commit_url.endswith("/commit/abc") and not result.compressed
 

@@ -255,7 +255,8 @@ def test_result_folder_holds_the_model_only(reference):
     out = root / "ref"
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([MARKER_NAME, "README.md", "config.json", "generation_config.json", "metrics.json",
-                            "model.safetensors", "run_config.json", "sparsity_report.json", "tokenizer.json",
+                            "model.safetensors", "run_config.json", "sparsity_layers.png", "sparsity_report.json",
+                            "tokenizer.json",
                             "tokenizer_config.json"])
     assert all(not p.is_dir() for p in out.iterdir())  # no checkpoint-*
     checkpoints = root / "ref-checkpoints"

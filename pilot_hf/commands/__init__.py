@@ -3,7 +3,8 @@
     pilot-hf compress [--config run.yaml] [--model_name_or_path ...] [any TrainingArguments flag ...]
     pilot-hf oneshot  --method sparsegpt --sparsity 0.5 --output_dir out/
     pilot-hf finetune --model_name_or_path out/ --train_file text.txt [--lora] --output_dir tuned/
-    pilot-hf evaluate --model_name_or_path out/
+    pilot-hf evaluate --model_name_or_path out/ [--eval_dataset_name wikitext --eval_dataset_config_name
+                      wikitext-2-raw-v1] [--tasks zeroshot7 | pilot_kjv_next_verse]
     pilot-hf sweep    --methods magnitude wanda sparsegpt --sparsities 0.5 0.7 2:4
     pilot-hf push     OUTPUT_DIR --repo_id ORG/NAME [--private] [--compressed] [--dry_run]
 
