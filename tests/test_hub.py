@@ -216,7 +216,7 @@ def test_dry_run_lists_files_and_contacts_nobody(output_dir, monkeypatch, capsys
     assert api.calls == [] and result.dry_run
     assert capsys.readouterr().out == ""  # the library prints nothing; `pilot-hf push` prints describe()
     printed = result.describe()
-    assert "would upload 4 files" in printed and "model.safetensors" in printed
+    assert "would upload 5 files" in printed and "model.safetensors" in printed and "sparsity_layers.png" in printed
     assert "training_args.bin" not in printed and "checkpoint-10" not in printed
     compressed = hub.push_to_hub(output_dir, "me/tiny-sparse", dry_run=True, compressed=True, api=api)
     assert dict(compressed.files)["model.safetensors"] < dict(result.files)["model.safetensors"]
@@ -284,12 +284,12 @@ def test_cli_main(output_dir, monkeypatch, capsys):
 
     monkeypatch.setattr(hub, "get_token", lambda: None)
     assert main(["push", str(output_dir), "--repo_id", "me/x", "--dry_run"]) == 0
-    assert "would upload 4 files" in capsys.readouterr().out
+    assert "would upload 5 files" in capsys.readouterr().out
     assert main(["push", "--output_dir", str(output_dir), "--repo_id", "me/x", "--compressed", "--dry_run"]) == 0
     assert "[compressed]" in capsys.readouterr().out
     config = output_dir.parent / "push.yaml"  # push reads --config like every command
     config.write_text(f"output_dir: {output_dir}\nrepo_id: me/x\ndry_run: true\n")
     assert main(["push", "--config", str(config)]) == 0
-    assert "would upload 4 files" in capsys.readouterr().out
+    assert "would upload 5 files" in capsys.readouterr().out
     assert main(["push", str(output_dir), "--repo_id", "me/x"]) == 1  # no token: a PushError, printed
     assert "hf auth login" in capsys.readouterr().err
