@@ -34,6 +34,18 @@ _SECRET = re.compile(r"(hf_[A-Za-z0-9]{10,})")
 _SECRET_FLAG = re.compile(r"^--(hub_token|hub-token|token)(=.*)?$")  # HfArgumentParser also takes --hub-token
 
 
+def peak_memory_bytes(device=None) -> int:
+    """Peak memory of this process so far: CUDA's peak allocated bytes on a CUDA device, else the peak
+    resident set size (on CPU it includes loading the model and anything run before training)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 class OutputError(ValueError):
     """The output folder cannot be used as asked; the message says why and what to do."""
 

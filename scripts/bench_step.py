@@ -1,16 +1,19 @@
-"""Cost of a PILoT training step vs a plain dense fine-tuning step: wall-time and peak-memory ratios.
+"""Cost of a training step, variant against variant: wall-time and peak-memory ratios.
 
-Same model, batch, optimizer (AdamW, fp32) and Trainer loop; the only difference is PILoTTrainer
-(masks, regularization hook, controller) vs transformers.Trainer. Each variant runs in its own process
-so the peak resident memory (CPU) or peak allocated memory (CUDA) is its own.
+Same model, batch, optimizer (AdamW, fp32) and Trainer loop in every variant; ratios are against the first
+variant listed. Each variant runs in its own process so its peak resident memory is its own.
 
-    python scripts/bench_step.py                      # Llama configs of growing width
+    python scripts/bench_step.py                      # dense vs PILoT, Llama configs of growing width
     python scripts/bench_step.py --model smollm2      # the real SmolLM2-135M (slow on CPU)
     python scripts/bench_step.py --plain-autograd     # also PILoT with plain autograd (keeps mask ⊙ weight)
+    python scripts/bench_step.py --variants pilot pilot-kd-logit pilot-kd      # cost of distillation
+    python scripts/bench_step.py --variants finetune lora                      # sparse fine-tuning: full vs LoRA
 
---plain-autograd adds a third run per model with `MaskedLinear.recompute_product = False`: the forward
-before the memory-saving autograd function, whose autograd graph keeps the product mask ⊙ weight of every
-layer from forward to backward.
+Variants: dense (transformers.Trainer), pilot (PILoTTrainer), pilot-plain (`MaskedLinear.recompute_product
+= False`: the autograd graph keeps mask ⊙ weight of every layer from forward to backward), pilot-kd-logit
+(+ logit distillation from the dense model), pilot-kd (+ logit and SquareHead feature distillation),
+finetune (full fine-tuning of a 50% magnitude-pruned copy, zeros kept: `keep_zeros`) and lora (PEFT LoRA,
+r = 16, on every target layer of the same pruned copy, base frozen: `pilot-hf finetune --lora`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import sys
 import time
 
 SMOLLM2 = ("smollm2", "smollm2-135m")  # the real SmolLM2-135M-Instruct (pilot_hf.assets.load_demo_model)
-VARIANTS = {"dense": "dense", "pilot": "PILoT", "pilot-plain": "PILoT plain"}
+VARIANTS = {"dense": "dense", "pilot": "PILoT", "pilot-plain": "PILoT plain", "pilot-kd-logit": "PILoT+KD logit",
+            "pilot-kd": "PILoT+KD", "finetune": "full FT", "lora": "LoRA"}
 
 
 def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -61,10 +65,24 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
+    if variant in ("finetune", "lora"):  # an already sparse model: 50% by magnitude, per layer
+        from pilot_hf import magnitude_prune
+
+        magnitude_prune(model, sparsity=0.5)
     if variant == "dense":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
+    elif variant == "lora":
+        from pilot_hf.lora import prepare_sparse_lora, sparse_lora_config
+
+        peft_model = prepare_sparse_lora(model, sparse_lora_config(model, r=16, lora_alpha=32))
+        trainer = Trainer(model=peft_model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
+    elif variant == "finetune":
+        args = PILoTTrainingArguments(**common, method="finetune", sparsity=0.0, keep_zeros=True)
+        trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     else:
-        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2)
+        kd = {"pilot-kd-logit": dict(distill_logit_weight=1.0),
+              "pilot-kd": dict(distill_logit_weight=1.0, distill_feature_weight=1.0)}.get(variant, {})
+        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, **kd)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     trainer.train()
     step_s = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median: robust to a noisy neighbour
@@ -81,6 +99,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["dense", "pilot"],
+                        help="what to compare (module docstring); ratios are against the first one")
     parser.add_argument("--plain-autograd", action="store_true",
                         help="also run PILoT with plain autograd (the baseline that keeps mask ⊙ weight)")
     parser.add_argument("--repeats", type=int, default=1,
@@ -90,10 +110,11 @@ def main() -> None:
     if a.variant:
         print(json.dumps(run_variant(a.variant, a.model[0], a.batch, a.seq, a.steps, a.warmup)))
         return
-    variants = ["dense", "pilot"] + (["pilot-plain"] if a.plain_autograd else [])
+    variants = a.variants + (["pilot-plain"] if a.plain_autograd and "pilot-plain" not in a.variants else [])
+    base = variants[0]
     print(f"batch {a.batch} x {a.seq} tokens, AdamW fp32, median step over {a.steps} steps after {a.warmup} warm-up")
     print("peak MB = peak resident memory minus the interpreter and libraries (model + optimizer + activations)")
-    print("ratios are against dense; 'plain' = PILoT with plain autograd (keeps mask ⊙ weight for backward)")
+    print(f"ratios are against {VARIANTS[base]}; the variants are described in this script's docstring")
     names = [VARIANTS[v] for v in variants]
     cols = ([f"{n} step s" for n in names] + [f"{n} time ratio" for n in names[1:]]
             + [f"{n} peak MB" for n in names] + [f"{n} memory ratio" for n in names[1:]])
@@ -114,9 +135,9 @@ def main() -> None:
             f"{v} step s {min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}, "
             f"peak MB {min(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}-"
             f"{max(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}" for v, runs in res.items()))
-        cells = ([f"{step[v]:.3f}" for v in variants] + [f"{step[v] / step['dense']:.3f}" for v in variants[1:]]
-                 + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak['dense']:.3f}" for v in variants[1:]])
-        print(f"| {spec} | {res['dense'][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
+        cells = ([f"{step[v]:.3f}" for v in variants] + [f"{step[v] / step[base]:.3f}" for v in variants[1:]]
+                 + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak[base]:.3f}" for v in variants[1:]])
+        print(f"| {spec} | {res[base][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
     if a.repeats > 1:
         print(f"\nrange over the {a.repeats} runs of each variant:")
         print("\n".join(spreads))

@@ -243,6 +243,7 @@ def test_cli_dense_model_is_refused(tiny_dir, tmp_path, capsys):  # noqa: F811
     (["--method", "pilot"], "--method pilot does not apply"),
     (["--warm_start", "magnitude", "--sparsity", "0.5"], "--warm_start magnitude"),
     (["--lora_r", "8"], "only apply with --lora"),
+    (["--distill_logit_weight", "1.0"], "needs a dense teacher"),
 ])
 def test_cli_refusals(tiny_dir, pruned_dirs, tmp_path, capsys, extra, message):  # noqa: F811
     out = tmp_path / "o"
@@ -254,7 +255,8 @@ def test_cli_refusals(tiny_dir, pruned_dirs, tmp_path, capsys, extra, message): 
 def test_full_finetune_with_distillation_keeps_zeros(tiny_dir, pruned_dirs, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "kd"
     code, err = _main(capsys, *finetune_flags(pruned_dirs["2:4"], tiny_dir / "train.txt", out,
-                                              "--distill_logit_weight", "1.0", "--skip_dense_eval"))
+                                              "--distill_logit_weight", "1.0", "--skip_dense_eval",
+                                              "--teacher_model_name_or_path", tiny_dir / "model"))
     assert code == 0, err[-3000:]
     before, after = _zero_sets(pruned_dirs["2:4"]), _zero_sets(out)
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -269,3 +271,29 @@ def test_given_keys_reads_flags_and_config(tmp_path):
     config.write_text("sparsity: 0.5\nlearning_rate: 1.0e-4\n")
     assert given_keys(["--config", str(config), "--lora-r=8", "--method", "finetune"]) == {
         "config", "sparsity", "learning_rate", "lora_r", "method"}
+
+
+def _lora_weights(folder):
+    model = T.AutoModelForCausalLM.from_pretrained(folder)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_cli_lora_resume_is_bit_identical(tiny_dir, pruned_dirs, tmp_path):  # noqa: F811
+    """LoRA checkpoints are plain Trainer checkpoints of the adapters: resuming from the middle of a run gives the
+    uninterrupted run's merged model bit for bit (adapter init seeded, data order and optimizer state restored)."""
+    flags = ["--lora", "--lora_r", 4, "--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2,
+             "--skip_dense_eval"]
+    whole = tmp_path / "whole"
+    run = pilot_hf("finetune", *finetune_flags(pruned_dirs["2:4"], tiny_dir / "train.txt", whole, *flags))
+    assert run.returncode == 0, run.stderr[-3000:]
+    middle = tmp_path / "whole-checkpoints" / "checkpoint-2"
+    assert (middle / "adapter_model.safetensors").is_file()
+    resumed = tmp_path / "resumed"
+    run = pilot_hf("finetune", *finetune_flags(pruned_dirs["2:4"], tiny_dir / "train.txt", resumed, *flags,
+                                               "--resume_from_checkpoint", middle))
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = _lora_weights(whole), _lora_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    start = _lora_weights(pruned_dirs["2:4"])
+    assert not all(torch.equal(a[n], start[n]) for n in a)  # training moved the merged weights
+    assert json.loads((resumed / "metrics.json").read_text())["peak_memory_bytes"] > 0

@@ -22,7 +22,7 @@ from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from ..hub import card_info_for_run, write_model_card
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..lora import check_sparse, count_zeros, merge_sparse_lora, prepare_sparse_lora, sparse_lora_config
-from ..runs import OutputFolder, write_json
+from ..runs import OutputFolder, peak_memory_bytes, write_json
 from ..training_args import PILoTTrainingArguments
 from ..wrapping import find_target_layers, out_in_layout, sparsity_report
 from .compress import checkpoint_dir, refuse_stale_checkpoints, removed_if_empty, resolve_resume
@@ -129,6 +129,12 @@ def finetune_training_args(args: PILoTTrainingArguments, ft_args: FinetuneArgume
         if set_lora:
             raise ValueError(f"{', '.join('--' + k for k in set_lora)} only apply with --lora; add --lora or drop "
                              "them.")
+    if args.distills and not args.teacher_model_name_or_path:
+        # The default teacher is the model as given, which here is the sparse model itself: no teacher at all.
+        raise ValueError("distillation in pilot-hf finetune needs a dense teacher: the model given is already "
+                         "sparse, so a copy of it would teach nothing. Add --teacher_model_name_or_path DENSE_MODEL "
+                         "(the model before pruning, same tokenizer), or drop --distill_logit_weight / "
+                         "--distill_feature_weight.")
     return args.with_method("finetune", sparsity=0.0, sparsity_pattern="unstructured", keep_zeros=True)
 
 
@@ -195,16 +201,18 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
                     data_collator=default_data_collator)
         lora_settings = {"lora": ft_args.lora}
         if ft_args.lora:
-            from transformers import Trainer
+            from transformers import Trainer, set_seed
 
             lora_config = sparse_lora_config(model, ft_args.lora_r, ft_args.lora_alpha, ft_args.lora_dropout,
                                              ft_args.lora_target_modules, config)
             lora_settings.update(lora_r=ft_args.lora_r, lora_alpha=ft_args.lora_alpha,
                                  lora_dropout=ft_args.lora_dropout,
                                  lora_target_modules=ft_args.lora_target_modules or "pilot-hf targets (all-linear)")
+            set_seed(training_args.seed)  # the adapters' random init, reproducible like the rest of the run
             peft_model = prepare_sparse_lora(model, lora_config)
             trainer = Trainer(model=peft_model, args=training_args, **data)
             train_output = trainer.train(resume_from_checkpoint=resume)
+            peak_memory = peak_memory_bytes(training_args.device)
             if is_main:
                 if ft_args.save_adapter:
                     peft_model.save_pretrained(output.staging / "adapter")
@@ -216,6 +224,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
 
             trainer = PILoTTrainer(model=model, args=training_args, **data)
             train_output = trainer.train(resume_from_checkpoint=resume)
+            peak_memory = peak_memory_bytes(training_args.device)
             trainer.save_model(str(output.staging))  # on every process: FSDP gathers the full state dict here
             model = trainer.model
             if is_main:
@@ -229,7 +238,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
             metrics = {"train": train_output.metrics, "mode": "lora" if ft_args.lora else "full",
                        "sparsity_before": sparsity_before, "sparsity_report_total": report["total"],
                        "zeros_before": zeros_before, "zeros_after": zeros_after, "sparsity_pattern": pattern,
-                       "world_size": training_args.world_size, "dense": dense, "sparse": sparse,
+                       "world_size": training_args.world_size,
+                       "peak_memory_bytes": peak_memory, "dense": dense, "sparse": sparse,
                        "elapsed_s": time.perf_counter() - start,
                        "note": "'dense' is the model as given (already sparse), before fine-tuning",
                        **({"tasks": {"dense": dense_tasks, "sparse": sparse_tasks}} if eval_args.tasks else {})}
