@@ -123,8 +123,42 @@ def apply_keep_mask(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Zero `tensor` in place where `keep` is False: the one place pruned entries are written.
 
     masked_fill, not a multiplication: a pruned negative entry must become +0.0, not -0.0 (compressed
-    checkpoints pay a bit per -0.0 to stay bit-exact)."""
-    return tensor.masked_fill_(~keep, 0.0)
+    checkpoints pay a bit per -0.0 to stay bit-exact). A sharded `tensor` (FSDP2's DTensor) takes a full
+    `keep` cut to its own shard (`shard_like`) or a keep-mask already sharded like it."""
+    return tensor.masked_fill_(~shard_like(keep, tensor), 0.0)
+
+
+# ----- sharded parameters (FSDP2: DTensor parameters, Shard(0) over the processes) -----------------------
+
+try:  # public since torch 2.5
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch without distributed support, or older
+    DTensor = distribute_tensor = None
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (a parameter FSDP2 shards over the processes)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (the tensor itself otherwise); no communication."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a DTensor is gathered, which every process of its mesh must call at the same time."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def shard_like(keep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`keep` (the full mask, the same on every process) sharded like the DTensor `like`: each process cuts its
+    own shard out of its own copy, with no communication. Unchanged if `like` is not sharded or `keep` is."""
+    if not is_sharded(like) or is_sharded(keep):
+        return keep
+    if tuple(keep.shape) != tuple(like.shape):
+        raise ValueError(f"keep-mask of shape {tuple(keep.shape)} for a tensor of shape {tuple(like.shape)}.")
+    return distribute_tensor(keep.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def keep_masks(scores: dict[str, torch.Tensor], sparsity: float | None,

@@ -33,7 +33,7 @@ from .distillation import Teacher, distillation_loss
 from .hub import CardInfo, card_info_for_run, write_model_card
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
-from .pruning import SparsityPattern, apply_keep_mask, keep_masks
+from .pruning import SparsityPattern, apply_keep_mask, full_tensor, keep_masks, local_tensor
 from .regularization import AlphaController
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
@@ -102,6 +102,7 @@ class PILoTTrainer(Trainer):
             args = args.for_wrapping(user_config)  # the run settings record the targets and β that ran
         self.pilot_config = user_config or args.pilot_config()
         self.check_pattern(model, args, self.pilot_config)
+        _check_fsdp_loading()
         self.teacher = _teacher(model, args) if args.distills else None  # the model as given: before warm start
         if args.warm_start:
             if is_wrapped(model):
@@ -114,13 +115,18 @@ class PILoTTrainer(Trainer):
             raise ValueError(f"method={args.method!r} trains the plain weights, but this model is wrapped; pass the "
                              "unwrapped model or use method='pilot'/'spred'.")
         super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError("PILoTTrainer under FSDP needs FSDP2 (fsdp_version: 2 in the Accelerate config, as in "
+                             "configs/accelerate/fsdp.yaml): FSDP1 flattens a unit's parameters into one buffer, so a "
+                             "layer's mask and weight are no whole tensors that pruning, keep-masks and merging "
+                             "could address; FSDP2 shards each parameter on its own.")
         if self.teacher is not None:
-            if self.is_fsdp_enabled or (self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin
-                                        .zero_stage == 3):
-                raise ValueError("distillation keeps a full, unsharded teacher on every process, which FSDP and "
-                                 "ZeRO-3 runs are meant to avoid; it is not supported there. Use DDP (or ZeRO-2) "
-                                 "with teacher_dtype='bfloat16', or train without distillation.")
-            self.teacher.to(self.args.device)
+            if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise ValueError("distillation under ZeRO-3 was never run (its teacher would be a full, unsharded "
+                                 "copy outside the DeepSpeed engine); it is not supported there. Use FSDP2, DDP or "
+                                 "ZeRO-2 (a full teacher per process; teacher_dtype='bfloat16' halves it), or train "
+                                 "without distillation.")
+            self.teacher.to(self.args.device)  # unsharded, one per process (also under FSDP2: docs/DESIGN.md)
         self.regularized = self._regularized_parameters(model)  # name -> parameter
         self.masks = {n for n in self.regularized if n.endswith(".mask")}
         with torch.no_grad():
@@ -130,6 +136,7 @@ class PILoTTrainer(Trainer):
         self.pruned = False
         self.frozen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, keep) after pruning
         self.sparsity_report: dict | None = None
+        self.gathered = False  # FSDP2: finish() replaced the sharded model by a plain one on every process
         self._interval_loss = None
         self._interval_steps = 0
         self._regularized_ids: set[int] = set()
@@ -305,6 +312,9 @@ class PILoTTrainer(Trainer):
         return self.state.max_steps - self.args.recovery_steps
 
     def _on_train_begin(self) -> None:
+        if self.is_fsdp_enabled:  # FSDP2 replaced every parameter by a sharded one (in the optimizer too)
+            self._regularized_ids = {id(p) for n, p in self.model.named_parameters()
+                                     if _clean_name(n) in self.regularized}
         if self.sparsify_steps < 1:
             raise ValueError(f"recovery_steps={self.args.recovery_steps} leaves no sparsification steps out of "
                              f"{self.state.max_steps}; lower recovery_steps or train longer.")
@@ -374,7 +384,7 @@ class PILoTTrainer(Trainer):
 
     @torch.no_grad()
     def _l1_ratio(self) -> float:
-        l1 = sum(effective_weight(m).abs().float().sum() for m in self._targets().values())
+        l1 = sum(local_tensor(effective_weight(m)).abs().float().sum() for m in self._targets().values())
         if self.is_fsdp_enabled:  # parameters are sharded: add up the shards
             l1 = self.accelerator.reduce(l1.reshape(1), reduction="sum")
         return float(l1) / max(self.l1_init, 1e-30)
@@ -396,23 +406,43 @@ class PILoTTrainer(Trainer):
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
         """alpha, balance = mean(m² − w²)/β (1 at start, → 0 in the L1 regime), l1_ratio, prune_damage (relative
-        L2 norm that pruning to the target would remove now) and sparsity (exact zeros of the effective weights)."""
+        L2 norm that pruning to the target would remove now) and sparsity (exact zeros of the effective weights).
+        Under FSDP2 every process must call it (Trainer's `log` does): shards are summed, prune_damage gathers."""
         targets = self._targets()
         out = {"alpha": self.alpha, "l1_ratio": self._l1_ratio()}
+        numel = sum(m.weight.numel() for m in targets.values())  # a DTensor's numel is the full tensor's
+        # This process's sums (its shards under FSDP2), added up over the processes there.
+        diff = sum(float((local_tensor(m.mask).float() ** 2 - local_tensor(m.weight).float() ** 2).sum())
+                   for m in targets.values()) if self.args.reparameterized else 0.0
+        zeros = sum(int((local_tensor(effective_weight(m)) == 0).sum()) for m in targets.values())
+        if self.is_fsdp_enabled:
+            diff, zeros = self.accelerator.reduce(torch.tensor([diff, zeros], dtype=torch.float64,
+                                                               device=self.args.device), reduction="sum").tolist()
         if self.args.reparameterized:
-            diff = sum(float((m.mask.float() ** 2 - m.weight.float() ** 2).sum()) for m in targets.values())
-            numel = sum(m.weight.numel() for m in targets.values())
             beta = self.pilot_config.beta
             out["balance"] = diff / numel / (beta if beta > 0 else 1.0)
-        effective = {n: out_in_layout(effective_weight(m).float(), m) for n, m in targets.items()}
-        zeros = sum(int((x == 0).sum()) for x in effective.values())
-        out["sparsity"] = zeros / sum(x.numel() for x in effective.values())
+        out["sparsity"] = zeros / numel
         if self.args.prunes:
-            keep = keep_masks({n: x.abs() for n, x in effective.items()}, self.args.sparsity, self.args.sparsity_pattern)
-            removed = sum(float((x[~keep[n]] ** 2).sum()) for n, x in effective.items())
-            total = sum(float((x ** 2).sum()) for x in effective.values())
-            out["prune_damage"] = (removed / max(total, 1e-30)) ** 0.5
+            out["prune_damage"] = self._prune_damage(targets)
         return out
+
+    def _prune_damage(self, targets: dict[str, nn.Module]) -> float:
+        """Relative L2 norm that pruning to the target would remove now; per-layer patterns go one (gathered)
+        layer at a time, 'global' needs every layer's scores at once."""
+        def full(layer):
+            return out_in_layout(full_tensor(effective_weight(layer)).float(), layer)
+
+        a = self.args
+        if SparsityPattern.parse(a.sparsity_pattern).kind == "global":
+            groups = [{n: full(m) for n, m in targets.items()}]
+        else:
+            groups = ({n: full(m)} for n, m in targets.items())
+        removed = total = 0.0
+        for effective in groups:
+            keep = keep_masks({n: x.abs() for n, x in effective.items()}, a.sparsity, a.sparsity_pattern)
+            removed += sum(float((x[~keep[n]] ** 2).sum()) for n, x in effective.items())
+            total += sum(float((x ** 2).sum()) for x in effective.values())
+        return (removed / max(total, 1e-30)) ** 0.5
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.controller is not None:
@@ -492,11 +522,23 @@ class PILoTTrainer(Trainer):
             self._prune()
         self.frozen = []
         self.teacher = None  # its memory is the student's again
-        if is_wrapped(self.model):
+        if self.is_fsdp_enabled and not self.gathered:
+            self.model = self.model_wrapped = _gather_plain_model(self.model, self.args.device)
+            self.gathered = True
+        elif is_wrapped(self.model):
             merge_and_unload(self.model)
         self.sparsity_report = sparsity_report(self.model, self.pilot_config)
         return self.model
 
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.gathered:
+            return super().save_model(output_dir, _internal_call)
+        # After finish() under FSDP2 every process holds the same plain model: saved as without FSDP (only
+        # the main process writes), not through FSDP's state-dict gathering of a model that is no more sharded.
+        self._save(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # ----- model card ----------------------------------------------------------------------------------
 
@@ -544,6 +586,54 @@ def _refuse_peft(model: nn.Module) -> None:
         raise ValueError("this model carries PEFT adapter layers (LoRA, ...); PILoTTrainer sparsifies the base "
                          "weights and would wrap the adapters' own linear layers. Merge the adapters first "
                          "(model = model.merge_and_unload()) and pass the plain model.")
+
+
+def _check_fsdp_loading() -> None:
+    """PILoT reads the real weights on every process before FSDP starts (wrapping, L1 init, warm start,
+    teacher); Accelerate's cpu_ram_efficient_loading leaves them on the meta device except on rank 0."""
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true"):
+        raise ValueError("fsdp_cpu_ram_efficient_loading is on: Transformers then loads the weights on the main "
+                         "process only (meta tensors elsewhere), but PILoT wraps and measures the model on every "
+                         "process before FSDP shards it. Set fsdp_cpu_ram_efficient_loading: false in the "
+                         "Accelerate config (as configs/accelerate/fsdp.yaml does).")
+
+
+@torch.no_grad()
+def _gather_plain_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The FSDP2-sharded model as a plain Transformers model, full on every process (each calls this at the
+    same time): every tensor is gathered in turn, mask ⊙ weight merged as `merge_and_unload` merges it, into
+    a model of the original class built without allocating weights. Tied parameters stay tied."""
+    from accelerate import init_empty_weights
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()  # the registered parameters are then the sharded ones
+    layers = masked_layers(model)
+    gathered: dict[int, torch.Tensor] = {}  # tensor id -> full tensor: a tied tensor is gathered once
+    state, requires_grad = {}, {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        layer, _, leaf = name.rpartition(".")
+        if layer in layers and leaf == "mask":
+            continue
+        if layer in layers and leaf == "weight":
+            source, trainable = layers[layer].merged_weight(), layers[layer].weight_requires_grad
+        else:
+            source, trainable = tensor, tensor.requires_grad
+        if id(tensor) not in gathered:
+            gathered[id(tensor)] = full_tensor(source.detach()).to(device)
+        state[name], requires_grad[name] = gathered[id(tensor)], trainable
+    plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with init_empty_weights(include_buffers=False):  # non-persistent buffers (rotary) are built for real
+        plain = plain_class(model.config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()
+    for name, param in plain.named_parameters():
+        param.requires_grad_(requires_grad[name])
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain.to(device).train(model.training)
 
 
 def _teacher(model: nn.Module, args: PILoTTrainingArguments) -> Teacher:

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, PILoTConfig
 from .layers import MaskedLinear
-from .pruning import SparsityPattern, apply_keep_mask, keep_masks
+from .pruning import SparsityPattern, apply_keep_mask, full_tensor, is_sharded, keep_masks, shard_like
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 _IN_BLOCK = re.compile(r"\.\d+\.")  # decoder blocks live in numbered module lists: layers.3., h.0.
@@ -147,17 +147,33 @@ def prune_model(model: nn.Module, sparsity: float | None = None,
 def _prune(layers: dict[str, nn.Module], scores: dict[str, torch.Tensor] | None, sparsity: float | None,
            pattern: str | SparsityPattern) -> dict[str, torch.Tensor]:
     """Keep-masks from `scores` (default |effective weight|, (out, in) layout), applied in place.
-    Every check runs before the first layer is touched."""
+    Every check runs before the first layer is touched.
+
+    Sharded layers (FSDP2; every process must call this together): each layer's effective weight is gathered
+    in turn, so every process computes the same keep-mask as one process would, and keeps only its shard of
+    it (returned sharded like the weight). Per-layer patterns hold one full layer at a time; 'global' holds
+    every layer's full scores (on CPU)."""
+    pattern = SparsityPattern.parse(pattern)
     transposed = {n: is_transposed(m) for n, m in layers.items()}
-    if scores is None:
-        scores = {n: _layout(effective_weight(m).abs(), transposed[n]) for n, m in layers.items()}
-    else:
+    sharded = any(is_sharded(m.weight) for m in layers.values())
+
+    def weight_score(name: str, layer: nn.Module) -> torch.Tensor:  # |mask ⊙ weight|, (out, in), gathered
+        return _layout(full_tensor(effective_weight(layer)).abs(), transposed[name])
+
+    if scores is not None:
         _check_scores(scores, layers, transposed)
-        scores = {n: scores[n] for n in layers}  # module order: 'global' breaks ties by it
-    keep = keep_masks(scores, sparsity, pattern)
+        keep = keep_masks({n: scores[n] for n in layers}, sparsity, pattern)  # module order: 'global' ties
+    elif not sharded:
+        keep = keep_masks({n: weight_score(n, m) for n, m in layers.items()}, sparsity, pattern)
+    elif pattern.kind == "global":  # every layer's full scores at once: on CPU
+        keep = keep_masks({n: weight_score(n, m).cpu() for n, m in layers.items()}, sparsity, pattern)
+    else:  # one gathered layer alive at a time; its keep-mask kept as a shard
+        keep = {n: shard_like(_layout(keep_masks({n: weight_score(n, m)}, sparsity, pattern)[n], transposed[n]),
+                              m.weight) for n, m in layers.items()}
     result = {}
     for name, layer in layers.items():
-        result[name] = _layout(keep[name], transposed[name]).to(layer.weight.device)
+        mask = keep[name] if is_sharded(keep[name]) else _layout(keep[name], transposed[name])
+        result[name] = shard_like(mask.to(layer.weight.device), layer.weight)
         for tensor in pruned_tensors(layer):
             apply_keep_mask(tensor, result[name])
     return result
