@@ -120,6 +120,13 @@ class PILoTTrainer(Trainer):
                              "configs/accelerate/fsdp.yaml): FSDP1 flattens a unit's parameters into one buffer, so a "
                              "layer's mask and weight are no whole tensors that pruning, keep-masks and merging "
                              "could address; FSDP2 shards each parameter on its own.")
+        frozen_pattern = [f for f, on in (("recovery_steps", args.recovery_steps), ("method='gmp'", args.method == "gmp"),
+                                          ("keep_zeros", args.keep_zeros)) if on]
+        if self.is_deepspeed_enabled and frozen_pattern:
+            raise ValueError(f"{', '.join(frozen_pattern)} under DeepSpeed: ZeRO steps its own fp32 copies of the "
+                             "parameters and writes them back after every step, so pruned entries come back (seen in "
+                             "a ZeRO-2 run on CPU: docs/DESIGN.md, 'Verified where'). Use FSDP2 or DDP for a frozen "
+                             "pattern, or recovery_steps=0 with method='pilot' (pruning at the end works).")
         if self.teacher is not None:
             if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 raise ValueError("distillation under ZeRO-3 was never run (its teacher would be a full, unsharded "

@@ -196,3 +196,71 @@ def test_fsdp_feature_distillation_matches_ddp(assets, tmp_path):
     w1, w2 = load_file(ddp / "model.safetensors"), load_file(fsdp / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-6)
+
+
+# ----- fast: sharded pruning with torch's fully_shard directly (2 CPU processes, gloo) -----------------------
+
+PATTERNS = ("unstructured", "global", "row", "2:4")
+
+
+def _shard_and_prune(rank: int, init_file: str, out_file: str) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from conftest import tiny_model
+    from torch.distributed.fsdp import fully_shard
+
+    from pilot_hf.pruning import is_sharded, local_tensor, shard_like
+    from pilot_hf.wrapping import masked_layers, prune_model, wrap_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = {}
+    for pattern in PATTERNS:
+        model = wrap_model(tiny_model("llama"))
+        with torch.no_grad():  # masks away from their init, so the ranking is not |W| alone
+            for layer in masked_layers(model).values():
+                layer.mask.mul_(torch.rand(layer.mask.shape, generator=torch.Generator().manual_seed(3)) + 0.5)
+        reference = copy.deepcopy(model)
+        expected = prune_model(reference, 0.5 if pattern != "2:4" else None, pattern)
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        keep = prune_model(model, 0.5 if pattern != "2:4" else None, pattern)
+        layers, ref_layers = masked_layers(model), masked_layers(reference)
+        results[pattern] = {
+            "sharded": all(is_sharded(k) and k.placements == layers[n].weight.placements for n, k in keep.items()),
+            "local_rows": [tuple(local_tensor(k).shape) for k in keep.values()][:1],
+            "keep_equal": all(torch.equal(k.full_tensor(), expected[n]) for n, k in keep.items()),
+            "weights_equal": all(torch.equal(layers[n].merged_weight().full_tensor(), ref_layers[n].merged_weight())
+                                 for n in layers),
+            "shard_like_no_op": shard_like(keep[next(iter(keep))], torch.zeros(1)) is keep[next(iter(keep))],
+        }
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_sharded_pruning_equals_one_process(tmp_path):
+    """prune_model on FSDP2-sharded layers (every pattern, 'global' across layers) gives the keep-masks and
+    pruned weights of one process, and returns keep-masks sharded like the weights (half the rows each)."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "results.json"
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.start_processes(_shard_and_prune, args=(str(tmp_path / "init"), str(out)), nprocs=2, start_method="spawn")
+    results = json.loads(out.read_text())
+    assert set(results) == set(PATTERNS)
+    for pattern, r in results.items():
+        assert r["sharded"] and r["keep_equal"] and r["weights_equal"] and r["shard_like_no_op"], (pattern, r)
+        assert r["local_rows"][0][0] * 2 == 32  # q_proj of the tiny Llama: 32 rows, 16 on each process
+
+
+def test_ram_efficient_loading_is_refused(monkeypatch):
+    from conftest import tiny_model
+
+    from pilot_hf import PILoTTrainer, PILoTTrainingArguments
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading: false"):
+        PILoTTrainer(tiny_model("llama"), PILoTTrainingArguments(output_dir="unused", use_cpu=True, report_to="none"))
