@@ -106,18 +106,11 @@ def setup(args) -> tuple[int, str]:
 
 def tiny_model(folder: Path) -> tuple[str, str]:
     """The dry run's model (a Llama with shapes 2:4 conversion accepts) and training text."""
-    import transformers as T
-    from conftest import byte_tokenizer
+    from conftest import save_tiny_llama
 
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=True))
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
     text = "\n\n".join(f"Verse {i}: and the quick brown fox went over the lazy dog {i % 7} times." for i in range(400))
-    (folder / "train.txt").write_text(text)
+    save_tiny_llama(folder, text, hidden_size=64, intermediate_size=128, max_position_embeddings=512,
+                    tie_word_embeddings=True)
     return str(folder / "model"), str(folder / "train.txt")
 
 

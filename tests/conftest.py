@@ -56,3 +56,23 @@ def byte_tokenizer(bos: bool = True, eos: bool = True):
     if bos:
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>" if eos else None)
+
+
+PARAGRAPHS = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(200))
+
+
+def save_tiny_llama(root, text: str = PARAGRAPHS, **config):
+    """A tiny Llama with the byte-level tokenizer saved as `root/model`, and `text` as `root/train.txt`, for
+    tests (and dry runs) that go through a model folder. `config` overrides the LlamaConfig defaults below."""
+    import transformers as T
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "bos_token_id": 0,
+        "eos_token_id": 1, **config}))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "train.txt").write_text(text)
+    return root

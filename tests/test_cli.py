@@ -8,10 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as T
 import yaml
-from conftest import byte_tokenizer
+from conftest import save_tiny_llama
 
 from pilot_hf.commands import command_module
 from pilot_hf.commands import parse as parse_args
@@ -23,17 +21,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny Llama with a byte-level tokenizer, saved as a model folder, and a local training text."""
-    root = tmp_path_factory.mktemp("cli")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    text = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(200))
-    (root / "train.txt").write_text(text)
-    return root
+    return save_tiny_llama(tmp_path_factory.mktemp("cli"))
 
 
 def pilot_hf(*args, cwd=None, env=ENV):

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
-from conftest import byte_tokenizer
+from conftest import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
@@ -42,17 +41,7 @@ MAX_STEPS, RECOVERY_STEPS = 24, 6
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    tokenizer = byte_tokenizer()
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, tie_word_embeddings=True))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    text = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i % 7} times." for i in range(200))
-    (root / "train.txt").write_text(text)
-    return root
+    return save_tiny_llama(tmp_path_factory.mktemp("distributed"), tie_word_embeddings=True)
 
 
 def flags(assets: Path, out: Path, per_device_batch: int, *extra) -> list[str]:
