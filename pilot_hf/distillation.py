@@ -40,70 +40,87 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 512  # positions per chunk: 512 × 49k vocab × 4 B ≈ 100 MB per float32 temporary
+# Positions per chunk of the logit loss: as many as fit in ~24 MiB per float32 (positions × vocab) temporary
+# (128 for a 49k vocabulary). Below glibc's 32 MiB mmap threshold, so malloc reuses the same buffers chunk after
+# chunk; 100 MB chunks were mapped and page-faulted afresh each time and made the loss ~1.8x slower
+# (docs/BENCHMARKS.md section 8).
+CHUNK_BYTES = 24 * 2**20
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ----- logit distillation ---------------------------------------------------------------------------------
 
 
-def selected_positions(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Flat indices (into logits.reshape(-1, V)) of the positions that carry a label after the causal shift."""
+def label_weights(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """(batch · seq,) float32, 1 at the positions that carry a label after the causal shift, else 0."""
     batch, length = logits.shape[:2]
-    keep = torch.zeros(batch, length, dtype=torch.bool, device=logits.device)
+    keep = torch.zeros(batch, length, dtype=torch.float32, device=logits.device)
     if labels is None:
-        keep[:, :-1] = True
+        keep[:, :-1] = 1.0
     else:
         if labels.shape != (batch, length):
             raise ValueError(f"labels have shape {tuple(labels.shape)}, the logits {tuple(logits.shape)}; "
                              "expected labels of shape (batch, seq).")
-        keep[:, :-1] = labels[:, 1:].to(logits.device) != IGNORE_INDEX
-    return keep.reshape(-1).nonzero().squeeze(1)
+        keep[:, :-1] = (labels[:, 1:].to(logits.device) != IGNORE_INDEX).float()
+    return keep.reshape(-1)
+
+
+def _chunks(weight: torch.Tensor, chunk_size: int):
+    """(start, end, weight[start:end]) over contiguous row ranges, skipping ranges with no labelled row."""
+    for start in range(0, weight.numel(), chunk_size):
+        w = weight[start:start + chunk_size]
+        if bool(w.any()):
+            yield start, start + w.numel(), w
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """Σ over the selected positions of KL(p_t ‖ p_s) at temperature T, one chunk of positions at a time.
+    """Σ_i w_i · KL(p_t,i ‖ p_s,i) at temperature T, over contiguous chunks of positions (rows).
 
-    Autograd through log_softmax would keep two float32 (N, V) tensors per chunk alive until backward
-    (≈ 6 GB for 16k positions × 49k vocab); this function saves nothing but its inputs and recomputes the
-    chunk's softmaxes in backward, so peak memory stays at a few chunk-sized temporaries.
+    Autograd through log_softmax would keep two float32 (N, V) tensors alive until backward (≈ 6 GB for
+    16k positions × 49k vocab); this function saves nothing but its inputs and recomputes the chunk's
+    softmaxes in backward, so peak memory stays at a few chunk-sized temporaries. Rows are sliced (views, no
+    copy) and weighted 0/1 rather than gathered, so the unlabelled rows cost a little compute, not copies.
     """
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor, temperature: float,
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float,
                 chunk_size: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for chunk in index.split(chunk_size):
-            log_ps = F.log_softmax(student.index_select(0, chunk).float() / temperature, dim=-1)
-            log_pt = F.log_softmax(teacher.index_select(0, chunk).float() / temperature, dim=-1)
+        for start, end, w in _chunks(weight, chunk_size):
+            log_ps = F.log_softmax(student[start:end].float() / temperature, dim=-1)
+            log_pt = F.log_softmax(teacher[start:end].float() / temperature, dim=-1)
+            terms = (log_pt - log_ps).mul_(log_pt.exp())
             # xlogy-style: p_t = 0 contributes 0 even where log p_t = -inf (masked vocab entries).
-            total += torch.where(log_pt > -torch.inf, log_pt.exp() * (log_pt - log_ps), 0.0).sum()
-        ctx.save_for_backward(student, teacher, index)
+            terms = torch.where(log_pt > -torch.inf, terms, 0.0)
+            total += terms.sum(dim=-1) @ w
+        ctx.save_for_backward(student, teacher, weight)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        student, teacher, index = ctx.saved_tensors
+        student, teacher, weight = ctx.saved_tensors
         temperature = ctx.temperature
         grad = torch.zeros_like(student)
-        for chunk in index.split(ctx.chunk_size):
-            p_s = F.softmax(student.index_select(0, chunk).float() / temperature, dim=-1)
-            p_t = F.softmax(teacher.index_select(0, chunk).float() / temperature, dim=-1)
-            grad.index_copy_(0, chunk, ((p_s - p_t) * (grad_output / temperature)).to(grad.dtype))
+        for start, end, w in _chunks(weight, ctx.chunk_size):
+            p_s = F.softmax(student[start:end].float() / temperature, dim=-1)
+            p_t = F.softmax(teacher[start:end].float() / temperature, dim=-1)
+            scale = (w * (grad_output / temperature)).unsqueeze(1)
+            grad[start:end] = p_s.sub_(p_t).mul_(scale)
         return grad, None, None, None, None
 
 
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             labels: torch.Tensor | None, temperature: float = 1.0, *,
-                            chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+                            chunk_size: int | str | None = "auto",
                             num_items: int | torch.Tensor | None = None) -> torch.Tensor:
     """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), averaged over the positions that carry a label (float32 scalar).
 
     Logits are (batch, seq, vocab) in any float dtype; labels (batch, seq) with -100 for ignored positions,
     shifted like the causal-LM loss (position i predicts labels[i + 1]); None counts every position but the last.
-    Only the student gets a gradient. `chunk_size` positions are processed at a time (None: all at once).
+    Only the student gets a gradient. `chunk_size` positions are processed at a time ("auto": as many as fit in
+    CHUNK_BYTES per float32 temporary; None: all at once).
     `num_items`: divide the sum by this instead of the local count of positions, e.g. Trainer's
     `num_items_in_batch`, which counts the same shifted labels over the accumulated batch, so that this term is
     normalized like Trainer's cross-entropy under gradient accumulation.
@@ -115,14 +132,19 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
                          f"{tuple(teacher_logits.shape)} differ in shape; the models need the same vocabulary "
                          "(same tokenizer) and the same inputs.")
     vocab = student_logits.shape[-1]
-    index = selected_positions(student_logits, labels)
+    weight = label_weights(student_logits, labels)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
-    chunk = max(1, index.numel()) if chunk_size is None else int(chunk_size)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
-    total = _ChunkedKL.apply(student, teacher, index, float(temperature), chunk)
-    count = index.numel() if num_items is None else num_items
+    if chunk_size == "auto":
+        chunk = max(1, CHUNK_BYTES // (4 * vocab))
+    elif chunk_size is None:
+        chunk = max(1, weight.numel())
+    elif isinstance(chunk_size, int) and chunk_size >= 1:
+        chunk = chunk_size
+    else:
+        raise ValueError(f"chunk_size must be an int >= 1, 'auto' or None, got {chunk_size!r}.")
+    total = _ChunkedKL.apply(student, teacher, weight, float(temperature), chunk)
+    count = weight.sum() if num_items is None else num_items
     if torch.is_tensor(count):
         count = count.to(total.device, torch.float32).clamp_min(1)
     else:
@@ -173,7 +195,7 @@ def distillation_loss(student_outputs: Any, teacher_logits: torch.Tensor | None,
                       teacher_hidden: Sequence[torch.Tensor] | None, labels: torch.Tensor | None, *,
                       logit_weight: float, feature_weight: float, temperature: float = 1.0,
                       token_mask: torch.Tensor | None = None, num_items: int | torch.Tensor | None = None,
-                      chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> dict[str, torch.Tensor]:
+                      chunk_size: int | str | None = "auto") -> dict[str, torch.Tensor]:
     """The weighted distillation terms, for the trainer to add to its task loss and to log one by one.
 
     `student_outputs`: the student's ModelOutput (or dict) with `logits`, and `hidden_states` when

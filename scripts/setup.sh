@@ -26,5 +26,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
     rm -rf "$tmp"
   fi
+  # Fourth text ('devil'): Bierce's The Devil's Dictionary (public domain), from Debian's dict-devil (unpacked).
+  if [ ! -f .venv/share/dict-devil/devil.dict.dz ]; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -q dict-devil >/dev/null 2>&1) && dpkg -x "$tmp"/*.deb "$tmp/x"; then
+      mkdir -p .venv/share/dict-devil
+      mv "$tmp/x/usr/share/dictd/devil.dict.dz" .venv/share/dict-devil/
+    else
+      echo "warning: could not fetch Debian dict-devil; the 'devil' text source is unavailable" >&2
+    fi
+    rm -rf "$tmp"
+  fi
   echo "$want" > "$stamp"
 fi

@@ -285,3 +285,14 @@ def test_too_few_blocks_for_calibration(tmp_path, tok):
     with pytest.raises(ValueError, match=r"1506 tokens: 5 blocks of seqlen=256, fewer than num_samples=6"):
         D.calibration_samples(tok, D.DataArguments(train_file=train, validation_split_percentage=0),
                               num_samples=6, seqlen=256)
+
+
+def test_devil_text_is_the_book_without_the_dictd_headers():
+    if not _available("devil"):
+        pytest.skip("Debian's dict-devil is not unpacked (scripts/setup.sh)")
+    text = builtin_text("devil")
+    assert text.startswith("ABASEMENT, n.  A decent and customary mental attitude")
+    assert text.rstrip().endswith("the domestic cow sheds its horn every two years.")
+    assert "00-database" not in text and "dictfmt" not in text and text.count("\n") > 5_000
+    # the held-out tail is the end of the alphabet, never seen in training
+    assert D.builtin_split("devil", "test").lstrip().startswith(("T", "U"))

@@ -75,7 +75,7 @@ def test_logit_loss_without_labels_counts_all_but_last_position():
     torch.testing.assert_close(logit_distillation_loss(student, teacher, None, temperature=1.5), loss)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 5, 1000])
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 1000, "auto"])
 def test_chunked_equals_unchunked(chunk_size):
     student, teacher, labels = random_logits(batch=4, length=9, vocab=50, seed=3)
     s1 = student.clone().requires_grad_(True)
@@ -86,6 +86,30 @@ def test_chunked_equals_unchunked(chunk_size):
     full.backward()
     chunked.backward()
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_auto_chunks_fit_the_byte_budget_and_skip_unlabelled_rows(monkeypatch):
+    import pilot_hf.distillation as D
+
+    student, teacher, labels = random_logits(batch=4, length=9, vocab=50, seed=4)
+    labels[1] = -100  # a whole sequence without labels: its chunks are skipped, its gradient stays 0
+    seen = []
+    real = D._chunks
+    monkeypatch.setattr(D, "_chunks", lambda w, n: (seen.append(n), *real(w, n))[1:])
+    monkeypatch.setattr(D, "CHUNK_BYTES", 4 * 50 * 2)  # two rows of 50 float32 logits
+    s = student.clone().requires_grad_(True)
+    loss = logit_distillation_loss(s, teacher, labels)
+    loss.backward()
+    assert seen == [2, 2]  # forward and backward, two positions per chunk
+    assert not s.grad[1].any() and s.grad[0].any()
+    torch.testing.assert_close(loss, reference_kl(student, teacher, labels, 1.0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "big"])
+def test_bad_chunk_size_is_refused(chunk_size):
+    student, teacher, labels = random_logits()
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        logit_distillation_loss(student, teacher, labels, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
