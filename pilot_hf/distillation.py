@@ -42,8 +42,8 @@ from torch import nn
 IGNORE_INDEX = -100
 # Positions per chunk of the logit loss: as many as fit in ~24 MiB per float32 (positions × vocab) temporary
 # (128 for a 49k vocabulary). Below glibc's 32 MiB mmap threshold, so malloc reuses the same buffers chunk after
-# chunk; 100 MB chunks were mapped and page-faulted afresh each time and made the loss ~1.8x slower
-# (docs/BENCHMARKS.md section 8).
+# chunk; 100 MB chunks were mapped and page-faulted afresh each time and made the loss ~1.6x slower
+# (docs/DESIGN.md, "Distillation").
 CHUNK_BYTES = 24 * 2**20
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -92,7 +92,8 @@ class _ChunkedKL(torch.autograd.Function):
             terms = (log_pt - log_ps).mul_(log_pt.exp())
             # xlogy-style: p_t = 0 contributes 0 even where log p_t = -inf (masked vocab entries).
             terms = torch.where(log_pt > -torch.inf, terms, 0.0)
-            total += terms.sum(dim=-1) @ w
+            # unlabelled rows get weight 0; masked, not multiplied, so an inf there cannot turn into NaN
+            total += terms.sum(dim=-1).masked_fill_(w == 0, 0.0) @ w
         ctx.save_for_backward(student, teacher, weight)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return total
