@@ -112,6 +112,16 @@ class _ChunkedKL(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _rows_per_chunk(chunk_size: int | str | None, vocab: int, rows: int) -> int:
+    if chunk_size == "auto":
+        return max(1, CHUNK_BYTES // (4 * vocab))
+    if chunk_size is None:
+        return max(1, rows)
+    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1:
+        return chunk_size
+    raise ValueError(f"chunk_size must be an int >= 1, 'auto' or None, got {chunk_size!r}.")
+
+
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             labels: torch.Tensor | None, temperature: float = 1.0, *,
                             chunk_size: int | str | None = "auto",
@@ -136,14 +146,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     weight = label_weights(student_logits, labels)
     student = student_logits.reshape(-1, vocab)
     teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
-    if chunk_size == "auto":
-        chunk = max(1, CHUNK_BYTES // (4 * vocab))
-    elif chunk_size is None:
-        chunk = max(1, weight.numel())
-    elif isinstance(chunk_size, int) and chunk_size >= 1:
-        chunk = chunk_size
-    else:
-        raise ValueError(f"chunk_size must be an int >= 1, 'auto' or None, got {chunk_size!r}.")
+    chunk = _rows_per_chunk(chunk_size, vocab, weight.numel())
     total = _ChunkedKL.apply(student, teacher, weight, float(temperature), chunk)
     count = weight.sum() if num_items is None else num_items
     if torch.is_tensor(count):
@@ -151,6 +154,25 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     else:
         count = max(float(count), 1.0)  # no labelled position: the loss is 0 (with a zero gradient), not NaN
     return total * (temperature ** 2) / count
+
+
+@torch.no_grad()
+def lm_loss_value(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | str | None = "auto"
+                  ) -> torch.Tensor:
+    """The causal-LM cross-entropy (mean over the positions that carry a label, shifted as in
+    `logit_distillation_loss`), without a graph: for the logs of a run whose LM loss has weight 0, where the
+    student is called without labels so that no (N, V) log-softmax is kept for a backward it would not use."""
+    vocab = logits.shape[-1]
+    weight = label_weights(logits, labels)
+    targets = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=logits.device)
+    targets[:, :-1] = labels[:, 1:].to(logits.device)
+    targets = targets.reshape(-1)
+    flat = logits.reshape(-1, vocab)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start, end, _ in _chunks(weight, _rows_per_chunk(chunk_size, vocab, weight.numel())):
+        total += F.cross_entropy(flat[start:end].float(), targets[start:end], ignore_index=IGNORE_INDEX,
+                                 reduction="sum")
+    return total / weight.sum().clamp_min(1)
 
 
 # ----- feature distillation (SquareHead) ------------------------------------------------------------------

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import PILoTConfig
 from .data import calibration_blocks
-from .distillation import Teacher, distillation_loss
+from .distillation import Teacher, distillation_loss, lm_loss_value
 from .hub import CardInfo, card_info_for_run, write_model_card
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
@@ -285,8 +285,12 @@ class PILoTTrainer(Trainer):
         need_hidden = a.distill_feature_weight > 0
         labels, mask = inputs.get("labels"), inputs.get("attention_mask")
         student_inputs = {**inputs, "output_hidden_states": True} if need_hidden else inputs
-        loss, outputs = super().compute_loss(model, student_inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        pure = a.lm_loss_weight == 0
+        if pure:  # without labels the model computes no LM loss: no (N, V) log-softmax and backward for weight 0
+            outputs = model(**{k: v for k, v in student_inputs.items() if k != "labels"})
+        else:
+            loss, outputs = super().compute_loss(model, student_inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         teacher_logits, teacher_hidden = self.teacher(inputs["input_ids"], mask, need_hidden)
         terms = distillation_loss(outputs, teacher_logits, teacher_hidden, labels,
                                   logit_weight=a.distill_logit_weight, feature_weight=a.distill_feature_weight,
@@ -295,13 +299,20 @@ class PILoTTrainer(Trainer):
         # the distillation terms are means over this micro-batch, so they get the same share.
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         share = self.current_gradient_accumulation_steps if scaled else 1
-        lm = outputs["loss"].detach().float()
-        if scaled and labels is not None:  # back to this micro-batch's mean, for the logs
-            lm = lm * num_items_in_batch / (labels[..., 1:] != -100).sum().clamp_min(1)
-        for name, value in {"lm_loss": lm, **{k: v for k, v in terms.items() if k != "loss"}}.items():
+        logged = {k: v for k, v in terms.items() if k != "loss"}
+        if pure:
+            if labels is not None:
+                logged["lm_loss"] = lm_loss_value(outputs["logits"], labels)
+        else:
+            lm = outputs["loss"].detach().float()
+            if scaled and labels is not None:  # back to this micro-batch's mean, for the logs
+                lm = lm * num_items_in_batch / (labels[..., 1:] != -100).sum().clamp_min(1)
+            logged["lm_loss"] = lm
+        for name, value in logged.items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
         self._term_count += 1
-        return a.lm_loss_weight * loss + terms["loss"] / share, outputs
+        distilled = terms["loss"] / share
+        return (distilled if pure else a.lm_loss_weight * loss + distilled), outputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -11,6 +11,7 @@ from pilot_hf.distillation import (
     Teacher,
     distillation_loss,
     feature_distillation_loss,
+    lm_loss_value,
     logit_distillation_loss,
 )
 
@@ -86,6 +87,14 @@ def test_chunked_equals_unchunked(chunk_size):
     full.backward()
     chunked.backward()
     torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5, "auto"])
+def test_lm_loss_value_is_the_shifted_cross_entropy(chunk_size):
+    logits, _, labels = random_logits(batch=3, length=7, vocab=40, seed=5)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert (labels[:, 1:] == -100).any()  # the ignored positions are exercised
+    torch.testing.assert_close(lm_loss_value(logits, labels, chunk_size=chunk_size), expected)
 
 
 def test_auto_chunks_fit_the_byte_budget_and_skip_unlabelled_rows(monkeypatch):

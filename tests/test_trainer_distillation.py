@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from test_trainer import arithmetic_dataset, make_args
 
 from pilot_hf import PILoTTrainer
+from pilot_hf.distillation import distillation_loss
 from pilot_hf.sweep import SweepArguments, cell_arguments
 
 
@@ -49,6 +50,24 @@ def test_distillation_terms_start_at_zero_and_pure_distillation_reduces_them(tmp
     feature = [h["feature_loss"] for h in trainer.state.log_history if "feature_loss" in h]
     assert logit[0] > 0 and logit[-1] < 0.7 * logit[0], logit
     assert feature[-1] < 0.7 * feature[0], feature
+
+
+def test_pure_distillation_computes_no_lm_loss_but_logs_it(tmp_path):
+    """lm_loss_weight=0: the student runs without labels (no LM loss and no (N, V) log-softmax for its backward),
+    the loss is the distillation terms alone, and the logged lm_loss is still the model's cross-entropy."""
+    trainer = distill_trainer(tmp_path, warm_start="magnitude", lm_loss_weight=0.0, max_steps=1, sparsity=0.5)
+    batch = {k: torch.tensor(v) for k, v in arithmetic_dataset(8)[:8].items()}
+    trainer.model.train()
+    loss, outputs = trainer._distillation_loss(trainer.model, batch, None)
+    assert outputs.loss is None
+    with torch.no_grad():
+        expected_lm = trainer.model(**batch).loss
+        teacher_logits, teacher_hidden = trainer.teacher(batch["input_ids"], batch.get("attention_mask"), True)
+    expected = distillation_loss(outputs, teacher_logits, teacher_hidden, batch["labels"], logit_weight=1.0,
+                                 feature_weight=1.0)["loss"]
+    torch.testing.assert_close(loss, expected)
+    assert trainer._term_sums["lm_loss"] == pytest.approx(float(expected_lm), rel=1e-5)
+    assert float(expected_lm) > 0.1  # a pruned student: a real loss, not a degenerate 0
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
