@@ -12,6 +12,7 @@ variant listed. Each variant runs in its own process so its peak resident memory
 Variants: dense (transformers.Trainer), pilot (PILoTTrainer), pilot-plain (`MaskedLinear.recompute_product
 = False`: the autograd graph keeps mask ⊙ weight of every layer from forward to backward), pilot-kd-logit
 (+ logit distillation from the dense model), pilot-kd (+ logit and SquareHead feature distillation),
+pilot-kd-pure (logit and SquareHead with LM loss weight 0: the recommended recipe, docs/BENCHMARKS.md section 8),
 finetune (full fine-tuning of a 50% magnitude-pruned copy, zeros kept: `keep_zeros`) and lora (PEFT LoRA,
 r = 16, on every target layer of the same pruned copy, base frozen: `pilot-hf finetune --lora`).
 """
@@ -28,7 +29,7 @@ import time
 
 SMOLLM2 = ("smollm2", "smollm2-135m")  # the real SmolLM2-135M-Instruct (pilot_hf.assets.load_demo_model)
 VARIANTS = {"dense": "dense", "pilot": "PILoT", "pilot-plain": "PILoT plain", "pilot-kd-logit": "PILoT+KD logit",
-            "pilot-kd": "PILoT+KD", "finetune": "full FT", "lora": "LoRA"}
+            "pilot-kd": "PILoT+KD", "pilot-kd-pure": "PILoT+KD pure", "finetune": "full FT", "lora": "LoRA"}
 
 
 def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -44,6 +45,8 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     MaskedLinear.recompute_product = variant != "pilot-plain"
     if model_spec in SMOLLM2:
         model, _ = load_demo_model()
+    elif not model_spec.isdigit():  # a local model folder, e.g. outputs/models/gemma-3-270m
+        model = AutoModelForCausalLM.from_pretrained(model_spec, dtype=torch.float32)
     else:
         width = int(model_spec)
         model = AutoModelForCausalLM.from_config(LlamaConfig(
@@ -81,7 +84,9 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     else:
         kd = {"pilot-kd-logit": dict(distill_logit_weight=1.0),
-              "pilot-kd": dict(distill_logit_weight=1.0, distill_feature_weight=1.0)}.get(variant, {})
+              "pilot-kd": dict(distill_logit_weight=1.0, distill_feature_weight=1.0),
+              "pilot-kd-pure": dict(distill_logit_weight=1.0, distill_feature_weight=1.0, lm_loss_weight=0.0),
+              }.get(variant, {})
         args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, **kd)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     trainer.train()
@@ -94,7 +99,7 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["256", "512", "768"],
-                        help="Llama widths to build from configs, or 'smollm2' (the real SmolLM2-135M).")
+                        help="Llama widths to build from configs, 'smollm2' (the real SmolLM2-135M), or a local model folder.")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
