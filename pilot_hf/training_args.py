@@ -144,7 +144,8 @@ class PILoTTrainingArguments(TrainingArguments):
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
     lm_loss_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the language-modeling loss. 0: pure distillation, the recommended recipe with "
+        default=1.0,
+        metadata={"help": "Weight of the language-modeling loss. 0: pure distillation, the recommended recipe with "
                   "distill_logit_weight 1 and distill_feature_weight 1 (keeps text of other domains no worse "
                   "than the one-shot start; docs/BENCHMARKS.md section 8)."})
     distill_logit_weight: float = field(
