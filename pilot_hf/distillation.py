@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .evaluation import cross_entropy_sum
+
 IGNORE_INDEX = -100
 # Positions per chunk of the logit loss: as many as fit in ~24 MiB per float32 (positions × vocab) temporary
 # (128 for a 49k vocabulary). Below glibc's 32 MiB mmap threshold, so malloc reuses the same buffers chunk after
@@ -65,51 +67,57 @@ def label_weights(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Te
     return keep.reshape(-1)
 
 
-def _chunks(weight: torch.Tensor, chunk_size: int):
-    """(start, end, weight[start:end]) over contiguous row ranges, skipping ranges with no labelled row."""
-    for start in range(0, weight.numel(), chunk_size):
-        w = weight[start:start + chunk_size]
-        if bool(w.any()):
-            yield start, start + w.numel(), w
+def _labelled_chunks(weight: torch.Tensor, rows: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, end, weight[start:end]) over the contiguous ranges of `rows` rows that hold a labelled row.
+    One host sync for all of them: a check per chunk would stall a GPU once per chunk."""
+    count = -(-weight.numel() // rows)
+    labelled = F.pad(weight, (0, count * rows - weight.numel())).view(count, rows).any(dim=1).tolist()
+    return [(i * rows, min((i + 1) * rows, weight.numel()), weight[i * rows:(i + 1) * rows])
+            for i, keep in enumerate(labelled) if keep]
 
 
 class _ChunkedKL(torch.autograd.Function):
     """Σ_i w_i · KL(p_t,i ‖ p_s,i) at temperature T, over contiguous chunks of positions (rows).
 
-    Autograd through log_softmax would keep two float32 (N, V) tensors alive until backward (≈ 6 GB for
-    16k positions × 49k vocab); this function saves nothing but its inputs and recomputes the chunk's
-    softmaxes in backward, so peak memory stays at a few chunk-sized temporaries. Rows are sliced (views, no
-    copy) and weighted 0/1 rather than gathered, so the unlabelled rows cost a little compute, not copies.
+    The gradient, w_i / T · (p_s,i − p_t,i), needs the same two softmaxes as the loss, so forward computes it
+    along with the loss and keeps it (one tensor of the student logits' size and dtype) for backward, which only
+    scales it: no softmax is computed twice, and neither model's logits are kept. Autograd through log_softmax
+    would keep two float32 (N, V) tensors alive instead; here the temporaries are chunk-sized. Rows are sliced
+    (views, no copy) and weighted 0/1 rather than gathered, so the unlabelled rows in a chunk cost a little
+    compute, not copies; chunks without a labelled row are skipped.
     """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float,
                 chunk_size: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=student.device)
-        for start, end, w in _chunks(weight, chunk_size):
+        chunks = _labelled_chunks(weight, chunk_size)
+        want_grad = ctx.needs_input_grad[0]
+        if want_grad:  # rows of skipped chunks get no gradient: zeros, unless no chunk is skipped
+            skipped = len(chunks) < -(-weight.numel() // chunk_size)
+            grad = (torch.zeros_like if skipped else torch.empty_like)(student)
+        for start, end, w in chunks:
             log_ps = F.log_softmax(student[start:end].float() / temperature, dim=-1)
             log_pt = F.log_softmax(teacher[start:end].float() / temperature, dim=-1)
-            terms = (log_pt - log_ps).mul_(log_pt.exp())
+            p_t = log_pt.exp()
+            terms = (log_pt - log_ps).mul_(p_t)
             # xlogy-style: p_t = 0 contributes 0 even where log p_t = -inf (masked vocab entries).
             terms = torch.where(log_pt > -torch.inf, terms, 0.0)
             # unlabelled rows get weight 0; masked, not multiplied, so an inf there cannot turn into NaN
             total += terms.sum(dim=-1).masked_fill_(w == 0, 0.0) @ w
-        ctx.save_for_backward(student, teacher, weight)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+            if want_grad:
+                grad[start:end] = log_ps.exp_().sub_(p_t).mul_((w / temperature).unsqueeze(1))
+        ctx.grad = grad if want_grad else None
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        student, teacher, weight = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad = torch.zeros_like(student)
-        for start, end, w in _chunks(weight, ctx.chunk_size):
-            p_s = F.softmax(student[start:end].float() / temperature, dim=-1)
-            p_t = F.softmax(teacher[start:end].float() / temperature, dim=-1)
-            scale = (w * (grad_output / temperature)).unsqueeze(1)
-            grad[start:end] = p_s.sub_(p_t).mul_(scale)
-        return grad, None, None, None, None
+        grad, ctx.grad = ctx.grad, None  # scaled in place and handed on: released with the student's graph
+        if grad is None:
+            raise RuntimeError("the logit distillation loss was backpropagated twice; compute it anew for every "
+                               "backward (retain_graph is not supported).")
+        return grad.mul_(grad_output), None, None, None, None
 
 
 def _rows_per_chunk(chunk_size: int | str | None, vocab: int, rows: int) -> int:
@@ -163,16 +171,12 @@ def lm_loss_value(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int
     `logit_distillation_loss`), without a graph: for the logs of a run whose LM loss has weight 0, where the
     student is called without labels so that no (N, V) log-softmax is kept for a backward it would not use."""
     vocab = logits.shape[-1]
-    weight = label_weights(logits, labels)
     targets = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=logits.device)
     targets[:, :-1] = labels[:, 1:].to(logits.device)
     targets = targets.reshape(-1)
-    flat = logits.reshape(-1, vocab)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start, end, _ in _chunks(weight, _rows_per_chunk(chunk_size, vocab, weight.numel())):
-        total += F.cross_entropy(flat[start:end].float(), targets[start:end], ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
-    return total / weight.sum().clamp_min(1)
+    rows = _rows_per_chunk(chunk_size, vocab, targets.numel())
+    total = cross_entropy_sum(logits.reshape(-1, vocab), targets, rows)
+    return (total / (targets != IGNORE_INDEX).sum().clamp_min(1)).float()
 
 
 # ----- feature distillation (SquareHead) ------------------------------------------------------------------

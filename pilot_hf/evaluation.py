@@ -119,12 +119,15 @@ def _batches(windows: list, batch_size: int):
         yield batch
 
 
-def _nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    # In slices of ~16 MB of fp32 logits: a whole window's log-softmax (100 MB for a 49k vocabulary) runs
-    # from main memory and costs ~3x more on CPU than slices that stay in cache.
-    rows = max(1, (1 << 22) // logits.shape[-1])
-    return sum(F.cross_entropy(logits[i:i + rows].float(), targets[i:i + rows], reduction="sum").item()
-               for i in range(0, len(targets), rows))
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ of the token cross-entropies of (N, V) logits against (N,) targets (-100: ignored), `rows` rows at a
+    time, in float32 per chunk and summed in float64; a 0-dim tensor on the logits' device, so that the
+    caller syncs with the host once, not once per chunk."""
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for i in range(0, len(targets), rows):
+        total += F.cross_entropy(logits[i:i + rows].float(), targets[i:i + rows], ignore_index=-100,
+                                 reduction="sum")
+    return total
 
 
 def perplexity(model, data, tokenizer=None, *, max_length: int | None = None, stride: int | None = None,
@@ -178,10 +181,14 @@ def perplexity(model, data, tokenizer=None, *, max_length: int | None = None, st
                 logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
                 if not keep_logits:
                     logits = logits[:, length - keep:]
+                # Cross-entropy in slices of 16 MiB of fp32 logits: a whole window's log-softmax (100 MB for a
+                # 49k vocabulary) runs from main memory and costs ~3x more on CPU than slices that stay in cache.
+                rows = max(1, (1 << 22) // logits.shape[-1])
                 for row, (b, e, f) in enumerate(batch):
                     # logits at window position p predict token p + 1; the last kept position predicts nothing
                     scored = e - f
-                    nll_sum += _nll_sum(logits[row, keep - 1 - scored: keep - 1], input_ids[row, f - b:])
+                    nll_sum += cross_entropy_sum(logits[row, keep - 1 - scored: keep - 1], input_ids[row, f - b:],
+                                                 rows).item()
                     tokens_scored += scored
                 bar.update(len(batch))
     finally:

@@ -103,15 +103,30 @@ def test_auto_chunks_fit_the_byte_budget_and_skip_unlabelled_rows(monkeypatch):
     student, teacher, labels = random_logits(batch=4, length=9, vocab=50, seed=4)
     labels[1] = -100  # a whole sequence without labels: its chunks are skipped, its gradient stays 0
     seen = []
-    real = D._chunks
-    monkeypatch.setattr(D, "_chunks", lambda w, n: (seen.append(n), *real(w, n))[1:])
+    real = D._labelled_chunks
+    monkeypatch.setattr(D, "_labelled_chunks", lambda w, n: (seen.append(n), real(w, n))[1])
     monkeypatch.setattr(D, "CHUNK_BYTES", 4 * 50 * 2)  # two rows of 50 float32 logits
     s = student.clone().requires_grad_(True)
     loss = logit_distillation_loss(s, teacher, labels)
     loss.backward()
-    assert seen == [2, 2]  # forward and backward, two positions per chunk
+    assert seen == [2]  # once (forward computes the gradient too), two positions per chunk
     assert not s.grad[1].any() and s.grad[0].any()
+    # 36 positions in chunks of 2 rows; rows 8-20 hold no label (the last position of sequence 0, all of
+    # sequence 1, the first three of sequence 2), so the six chunks starting at 8 ... 18 are skipped
+    kept = [start for start, _, _ in real(D.label_weights(student, labels), 2)]
+    assert kept == [0, 2, 4, 6, 20, 22, 24, 26, 28, 30, 32, 34]
     torch.testing.assert_close(loss, reference_kl(student, teacher, labels, 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_logit_loss_backward_twice_is_refused_and_no_grad_keeps_nothing():
+    student, teacher, labels = random_logits()
+    s = student.clone().requires_grad_(True)
+    loss = logit_distillation_loss(s, teacher, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()
+    with torch.no_grad():  # no gradient wanted: the loss alone, the same value
+        torch.testing.assert_close(logit_distillation_loss(s, teacher, labels), loss.detach())
 
 
 @pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "big"])
