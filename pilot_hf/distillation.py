@@ -76,48 +76,76 @@ def _labelled_chunks(weight: torch.Tensor, rows: int) -> list[tuple[int, int, to
             for i, keep in enumerate(labelled) if keep]
 
 
-class _ChunkedKL(torch.autograd.Function):
-    """Σ_i w_i · KL(p_t,i ‖ p_s,i) at temperature T, over contiguous chunks of positions (rows).
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """kl_scale · Σ_i w_i · KL(p_t,i ‖ p_s,i) at temperature T  +  ce_scale · Σ_i CE(z_s,i, y_i), in one pass over
+    contiguous chunks of positions (rows). Returns (that objective, Σ w·KL, Σ CE); the two sums are for the logs
+    and carry no gradient. Without targets there is no CE term (and Σ CE is 0).
 
-    The gradient, w_i / T · (p_s,i − p_t,i), needs the same two softmaxes as the loss, so forward computes it
-    along with the loss and keeps it (one tensor of the student logits' size and dtype) for backward, which only
-    scales it: no softmax is computed twice, and neither model's logits are kept. Autograd through log_softmax
-    would keep two float32 (N, V) tensors alive instead; here the temporaries are chunk-sized. Rows are sliced
-    (views, no copy) and weighted 0/1 rather than gathered, so the unlabelled rows in a chunk cost a little
-    compute, not copies; chunks without a labelled row are skipped.
+    The gradient, kl_scale · w_i / T · (p_s,i − p_t,i) + ce_scale · (softmax(z_s,i) − onehot(y_i)), needs the
+    same softmaxes as the loss (at T = 1 the very same student log-softmax), so forward computes it along with
+    the loss and keeps it (one tensor of the student logits' size and dtype) for backward, which only scales it:
+    no softmax is computed twice, neither model's logits are kept, and the LM loss costs a gather beside the KL.
+    Autograd through log_softmax would keep two float32 (N, V) tensors alive per term instead; here the
+    temporaries are chunk-sized. Rows are sliced (views, no copy) and weighted 0/1 rather than gathered, so the
+    unlabelled rows in a chunk cost a little compute, not copies; chunks without a labelled row are skipped
+    (targets are -100 wherever w is 0).
     """
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float,
-                chunk_size: int) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                targets: torch.Tensor | None, temperature: float, chunk_size: int,
+                kl_scale: float | torch.Tensor, ce_scale: float | torch.Tensor):
+        kl_sum = torch.zeros((), dtype=torch.float32, device=student.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)  # as in evaluation.cross_entropy_sum
         chunks = _labelled_chunks(weight, chunk_size)
         want_grad = ctx.needs_input_grad[0]
         if want_grad:  # rows of skipped chunks get no gradient: zeros, unless no chunk is skipped
             skipped = len(chunks) < -(-weight.numel() // chunk_size)
             grad = (torch.zeros_like if skipped else torch.empty_like)(student)
+        t = temperature
         for start, end, w in chunks:
-            log_ps = F.log_softmax(student[start:end].float() / temperature, dim=-1)
-            log_pt = F.log_softmax(teacher[start:end].float() / temperature, dim=-1)
+            z_s = student[start:end].float()
+            log_ps = F.log_softmax(z_s if t == 1 else z_s / t, dim=-1)
+            log_pt = F.log_softmax(teacher[start:end].float() / t, dim=-1)
             p_t = log_pt.exp()
             terms = (log_pt - log_ps).mul_(p_t)
             # xlogy-style: p_t = 0 contributes 0 even where log p_t = -inf (masked vocab entries).
             terms = torch.where(log_pt > -torch.inf, terms, 0.0)
             # unlabelled rows get weight 0; masked, not multiplied, so an inf there cannot turn into NaN
-            total += terms.sum(dim=-1).masked_fill_(w == 0, 0.0) @ w
-            if want_grad:
-                grad[start:end] = log_ps.exp_().sub_(p_t).mul_((w / temperature).unsqueeze(1))
+            kl_sum += terms.sum(dim=-1).masked_fill_(w == 0, 0.0) @ w
+            del terms
+            if targets is not None:
+                y = targets[start:end]
+                labelled = (y != IGNORE_INDEX).unsqueeze(1)
+                y = y.clamp_min(0).unsqueeze(1)
+                log_ps_lm = log_ps if t == 1 else F.log_softmax(z_s, dim=-1)
+                ce_sum -= log_ps_lm.gather(1, y).masked_fill_(~labelled, 0.0).sum()
+            if not want_grad:
+                continue
+            kl_coef = (w * (kl_scale / t)).unsqueeze(1)
+            if targets is None:
+                chunk_grad = log_ps.exp_().sub_(p_t).mul_(kl_coef)
+            else:
+                ce_coef = labelled * ce_scale
+                if t == 1:  # p_s · (kl + ce) − p_t · kl − onehot · ce
+                    chunk_grad = log_ps.exp_().mul_(kl_coef + ce_coef).sub_(p_t.mul_(kl_coef))
+                else:
+                    chunk_grad = log_ps.exp_().sub_(p_t).mul_(kl_coef).add_(log_ps_lm.exp_().mul_(ce_coef))
+                chunk_grad.scatter_add_(1, y, -ce_coef.expand(-1, 1).to(chunk_grad.dtype))
+            grad[start:end] = chunk_grad
         ctx.grad = grad if want_grad else None
-        return total
+        ce_sum = ce_sum.float()
+        ctx.mark_non_differentiable(kl_sum, ce_sum)
+        return kl_sum * kl_scale + ce_sum * ce_scale, kl_sum, ce_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, _kl_sum_grad, _ce_sum_grad):
         grad, ctx.grad = ctx.grad, None  # scaled in place and handed on: released with the student's graph
         if grad is None:
             raise RuntimeError("the logit distillation loss was backpropagated twice; compute it anew for every "
                                "backward (retain_graph is not supported).")
-        return grad.mul_(grad_output), None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None, None, None, None
 
 
 def _rows_per_chunk(chunk_size: int | str | None, vocab: int, rows: int) -> int:
@@ -128,6 +156,64 @@ def _rows_per_chunk(chunk_size: int | str | None, vocab: int, rows: int) -> int:
     if isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 1:
         return chunk_size
     raise ValueError(f"chunk_size must be an int >= 1, 'auto' or None, got {chunk_size!r}.")
+
+
+def _shifted_targets(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(batch · seq,) long: the label each position predicts (labels[i + 1]), -100 for the last position."""
+    targets = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=device)
+    targets[:, :-1] = labels[:, 1:].to(device)
+    return targets.reshape(-1)
+
+
+def _count(num_items: int | torch.Tensor | None, weight: torch.Tensor) -> float | torch.Tensor:
+    """The divisor of a sum over positions: `num_items`, else the local count of labelled positions (>= 1, so
+    that no labelled position gives 0 with a zero gradient, not NaN)."""
+    count = weight.sum() if num_items is None else num_items
+    if torch.is_tensor(count):
+        return count.to(weight.device, torch.float32).clamp_min(1)
+    return max(float(count), 1.0)
+
+
+def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape; the models need the same vocabulary "
+                         "(same tokenizer) and the same inputs.")
+
+
+def logit_and_lm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                      temperature: float = 1.0, *, logit_weight: float = 1.0, lm_weight: float = 0.0,
+                      num_items: int | torch.Tensor | None = None, lm_num_items: int | torch.Tensor | None = None,
+                      chunk_size: int | str | None = "auto") -> dict[str, torch.Tensor]:
+    """logit_weight · L_logit + lm_weight · L_LM from one chunked pass over the logits (module docstring).
+
+    Returns float32 scalars: "loss" (with the student's gradient), "logit_loss" (L_logit) and, when labels are
+    given, "lm_loss" (the causal-LM cross-entropy, mean over the labelled positions, as Transformers computes it
+    for the same labels), both without a graph, for the logs. In the loss the KL sum is divided by `num_items`
+    and the cross-entropy sum by `lm_num_items` (each, if None, by the local count of labelled positions).
+    With lm_weight 0 the cross-entropy is still computed for the log (at T = 1 a gather; at another T one more
+    log-softmax per chunk) but takes no part in the gradient.
+    """
+    _check_logits(student_logits, teacher_logits, temperature)
+    if lm_weight and labels is None:
+        raise ValueError("lm_weight > 0 needs labels for the LM loss.")
+    vocab = student_logits.shape[-1]
+    weight = label_weights(student_logits, labels)
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
+    targets = None if labels is None else _shifted_targets(labels, student.device)
+    kl_scale = logit_weight * temperature ** 2 / _count(num_items, weight)
+    ce_scale = lm_weight / _count(lm_num_items, weight) if lm_weight else 0.0
+    loss, kl_sum, ce_sum = _ChunkedLogitLoss.apply(student, teacher, weight, targets, float(temperature),
+                                                   _rows_per_chunk(chunk_size, vocab, weight.numel()),
+                                                   kl_scale, ce_scale)
+    local = _count(None, weight)
+    terms = {"loss": loss, "logit_loss": kl_sum * (temperature ** 2) / local}
+    if targets is not None:
+        terms["lm_loss"] = ce_sum / local
+    return terms
 
 
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -142,38 +228,28 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     CHUNK_BYTES per float32 temporary; None: all at once).
     `num_items`: divide the sum by this instead of the local count of positions, e.g. Trainer's
     `num_items_in_batch`, which counts the same shifted labels over the accumulated batch, so that this term is
-    normalized like Trainer's cross-entropy under gradient accumulation.
+    normalized like Trainer's cross-entropy under gradient accumulation. To compute the LM loss in the same
+    pass, use `logit_and_lm_loss`.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape; the models need the same vocabulary "
-                         "(same tokenizer) and the same inputs.")
+    _check_logits(student_logits, teacher_logits, temperature)
     vocab = student_logits.shape[-1]
     weight = label_weights(student_logits, labels)
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
-    chunk = _rows_per_chunk(chunk_size, vocab, weight.numel())
-    total = _ChunkedKL.apply(student, teacher, weight, float(temperature), chunk)
-    count = weight.sum() if num_items is None else num_items
-    if torch.is_tensor(count):
-        count = count.to(total.device, torch.float32).clamp_min(1)
-    else:
-        count = max(float(count), 1.0)  # no labelled position: the loss is 0 (with a zero gradient), not NaN
-    return total * (temperature ** 2) / count
+    loss, _, _ = _ChunkedLogitLoss.apply(
+        student_logits.reshape(-1, vocab), teacher_logits.detach().to(student_logits.device).reshape(-1, vocab),
+        weight, None, float(temperature), _rows_per_chunk(chunk_size, vocab, weight.numel()),
+        temperature ** 2 / _count(num_items, weight), 0.0)
+    return loss
 
 
 @torch.no_grad()
 def lm_loss_value(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | str | None = "auto"
                   ) -> torch.Tensor:
     """The causal-LM cross-entropy (mean over the positions that carry a label, shifted as in
-    `logit_distillation_loss`), without a graph: for the logs of a run whose LM loss has weight 0, where the
-    student is called without labels so that no (N, V) log-softmax is kept for a backward it would not use."""
+    `logit_distillation_loss`), without a graph: for the logs of a run whose LM loss has weight 0 and that has
+    no logit term to compute it with (`logit_and_lm_loss` does), where the student is called without labels so
+    that no (N, V) log-softmax is kept for a backward it would not use."""
     vocab = logits.shape[-1]
-    targets = torch.full(labels.shape, IGNORE_INDEX, dtype=torch.long, device=logits.device)
-    targets[:, :-1] = labels[:, 1:].to(logits.device)
-    targets = targets.reshape(-1)
+    targets = _shifted_targets(labels, logits.device)
     rows = _rows_per_chunk(chunk_size, vocab, targets.numel())
     total = cross_entropy_sum(logits.reshape(-1, vocab), targets, rows)
     return (total / (targets != IGNORE_INDEX).sum().clamp_min(1)).float()
@@ -222,36 +298,50 @@ def distillation_loss(student_outputs: Any, teacher_logits: torch.Tensor | None,
                       teacher_hidden: Sequence[torch.Tensor] | None, labels: torch.Tensor | None, *,
                       logit_weight: float, feature_weight: float, temperature: float = 1.0,
                       token_mask: torch.Tensor | None = None, num_items: int | torch.Tensor | None = None,
-                      chunk_size: int | str | None = "auto") -> dict[str, torch.Tensor]:
+                      chunk_size: int | str | None = "auto", lm_weight: float = 0.0,
+                      lm_num_items: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The weighted distillation terms, for the trainer to add to its task loss and to log one by one.
 
     `student_outputs`: the student's ModelOutput (or dict) with `logits`, and `hidden_states` when
-    feature_weight > 0 (call the student with output_hidden_states=True). Returns float32 scalars:
-    "logit_loss" and "feature_loss" (unweighted; only the terms with a weight > 0) and "loss" =
-    logit_weight · logit_loss + feature_weight · feature_loss. `token_mask` selects positions for the feature
-    term; `num_items` and `chunk_size` go to `logit_distillation_loss`.
+    feature_weight > 0 (call the student with output_hidden_states=True). Returns float32 scalars: "loss" =
+    logit_weight · logit_loss + feature_weight · feature_loss (+ lm_weight · the LM loss, see below), the only
+    one with a gradient, and for the logs "logit_loss" and "feature_loss" (unweighted; only the terms with a
+    weight > 0) and, with a logit term and labels, "lm_loss". `token_mask` selects positions for the feature
+    term; `num_items` and `chunk_size` go to `logit_and_lm_loss`.
+    With lm_weight > 0 the causal-LM cross-entropy of the student (its sum divided by `lm_num_items`, else by
+    the local count of labelled positions) is computed in the logit term's pass and added to "loss"; call the
+    student without labels then, so that it does not compute the same loss a second time.
     """
     def get(key: str):
         return student_outputs.get(key) if isinstance(student_outputs, Mapping) else getattr(student_outputs, key)
 
+    if logit_weight < 0 or feature_weight < 0 or lm_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got logit {logit_weight}, feature {feature_weight}, "
+                         f"LM {lm_weight}.")
+    if logit_weight == 0 and feature_weight == 0:
+        raise ValueError("both distillation weights are 0: there is nothing to distill.")
+    if lm_weight > 0 and logit_weight == 0:
+        raise ValueError("lm_weight > 0 needs logit_weight > 0 (the LM loss is computed in the logit term's "
+                         "pass); without a logit term, let the model compute its LM loss.")
     terms: dict[str, torch.Tensor] = {}
-    if logit_weight < 0 or feature_weight < 0:
-        raise ValueError(f"distillation weights must be >= 0, got logit {logit_weight}, feature {feature_weight}.")
+    loss = None
     if logit_weight > 0:
         if teacher_logits is None:
             raise ValueError("logit_weight > 0 needs the teacher's logits.")
-        terms["logit_loss"] = logit_distillation_loss(get("logits"), teacher_logits, labels, temperature,
-                                                      chunk_size=chunk_size, num_items=num_items)
+        logit_terms = logit_and_lm_loss(get("logits"), teacher_logits, labels, temperature,
+                                        logit_weight=logit_weight, lm_weight=lm_weight, num_items=num_items,
+                                        lm_num_items=lm_num_items, chunk_size=chunk_size)
+        loss = logit_terms.pop("loss")
+        terms.update(logit_terms)
     if feature_weight > 0:
         student_hidden = get("hidden_states")
         if student_hidden is None or teacher_hidden is None:
             raise ValueError("feature_weight > 0 needs the hidden states of both models: call the student with "
                              "output_hidden_states=True and the teacher with need_hidden=True.")
-        terms["feature_loss"] = feature_distillation_loss(student_hidden, teacher_hidden, token_mask)
-    if not terms:
-        raise ValueError("both distillation weights are 0: there is nothing to distill.")
-    weights = {"logit_loss": logit_weight, "feature_loss": feature_weight}
-    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+        feature = feature_distillation_loss(student_hidden, teacher_hidden, token_mask)
+        loss = feature_weight * feature if loss is None else loss + feature_weight * feature
+        terms["feature_loss"] = feature.detach()
+    terms["loss"] = loss
     return terms
 
 

@@ -285,34 +285,63 @@ class PILoTTrainer(Trainer):
         need_hidden = a.distill_feature_weight > 0
         labels, mask = inputs.get("labels"), inputs.get("attention_mask")
         student_inputs = {**inputs, "output_hidden_states": True} if need_hidden else inputs
-        pure = a.lm_loss_weight == 0
-        if pure:  # without labels the model computes no LM loss: no (N, V) log-softmax and backward for weight 0
-            outputs = model(**{k: v for k, v in student_inputs.items() if k != "labels"})
-        else:
+        # The LM loss is computed in the logit term's pass over the student's logits when it is the plain
+        # causal-LM cross-entropy (the same softmax; docs/DESIGN.md "Distillation"), and not at all with weight
+        # 0; otherwise (a custom loss, or no logit term) the model computes it.
+        fused = a.distill_logit_weight > 0 and labels is not None and self._plain_lm_loss(model)
+        by_model = a.lm_loss_weight > 0 and not fused
+        if by_model:
             loss, outputs = super().compute_loss(model, student_inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
+        else:  # without labels the model computes no LM loss: no (N, V) log-softmax kept for its backward
+            outputs = model(**{k: v for k, v in student_inputs.items() if k != "labels"})
         teacher_logits, teacher_hidden = self.teacher(inputs["input_ids"], mask, need_hidden)
-        terms = distillation_loss(outputs, teacher_logits, teacher_hidden, labels,
-                                  logit_weight=a.distill_logit_weight, feature_weight=a.distill_feature_weight,
-                                  temperature=a.distill_temperature, token_mask=None if mask is None else mask.bool())
-        # The LM loss may already be a share of the whole accumulated batch (normalized by its token count);
-        # the distillation terms are means over this micro-batch, so they get the same share.
+        # The LM loss may be a share of the whole accumulated batch (normalized by its token count, as
+        # Trainer.compute_loss does); the distillation terms are means over this micro-batch, so they get the
+        # same share: the terms are divided by `share` below, and the fused LM term is multiplied by it here.
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         share = self.current_gradient_accumulation_steps if scaled else 1
+        lm_weight = a.lm_loss_weight * share * self._token_average_scale() if scaled else a.lm_loss_weight
+        terms = distillation_loss(outputs, teacher_logits, teacher_hidden, labels,
+                                  logit_weight=a.distill_logit_weight, feature_weight=a.distill_feature_weight,
+                                  temperature=a.distill_temperature, token_mask=None if mask is None else mask.bool(),
+                                  lm_weight=lm_weight if fused else 0.0,
+                                  lm_num_items=num_items_in_batch if scaled else None)
         logged = {k: v for k, v in terms.items() if k != "loss"}
-        if pure:
-            if labels is not None:
-                logged["lm_loss"] = lm_loss_value(outputs["logits"], labels)
-        else:
+        if by_model:
             lm = outputs["loss"].detach().float()
             if scaled and labels is not None:  # back to this micro-batch's mean, for the logs
                 lm = lm * num_items_in_batch / (labels[..., 1:] != -100).sum().clamp_min(1)
             logged["lm_loss"] = lm
+        elif "lm_loss" not in logged and labels is not None:  # weight 0 and no logit term to compute it with
+            logged["lm_loss"] = lm_loss_value(outputs["logits"], labels)
         for name, value in logged.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value.detach())
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
         self._term_count += 1
         distilled = terms["loss"] / share
-        return (distilled if pure else a.lm_loss_weight * loss + distilled), outputs
+        return (a.lm_loss_weight * loss + distilled if by_model else distilled), outputs
+
+    def _plain_lm_loss(self, model) -> bool:
+        """Whether Trainer would compute the model's plain causal-LM cross-entropy (no label smoothing, no
+        compute_loss_func, the model's loss function is Transformers' ForCausalLMLoss)."""
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return False
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+        base = self.accelerator.unwrap_model(model)
+        if hasattr(base, "get_base_model"):  # PEFT
+            base = base.get_base_model()
+        if hasattr(base, "_loss_function"):  # set by hand: read like the `loss_function` property, silently
+            return base._loss_function is ForCausalLMLoss
+        return LOSS_MAPPING.get(getattr(base, "loss_type", None), ForCausalLMLoss) is ForCausalLMLoss
+
+    def _token_average_scale(self) -> int:
+        """Trainer.compute_loss's factor on a loss normalized by the token count of all processes."""
+        if not self.args.average_tokens_across_devices:
+            return 1
+        if self.args.n_gpu > 1:
+            return self.args.n_gpu
+        return self.accelerator.num_processes // self.get_tp_size()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -12,6 +12,7 @@ from pilot_hf.distillation import (
     distillation_loss,
     feature_distillation_loss,
     lm_loss_value,
+    logit_and_lm_loss,
     logit_distillation_loss,
 )
 
@@ -188,6 +189,46 @@ def test_logit_loss_refuses_mismatched_shapes():
         logit_distillation_loss(student, teacher[..., :-1], labels)
     with pytest.raises(ValueError, match="temperature"):
         logit_distillation_loss(student, teacher, labels, temperature=0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_logit_and_lm_loss_in_one_pass_equals_the_two_losses_apart(temperature, chunk_size):
+    """w_kd · T²·KL (over its count) + w_lm · Transformers' causal-LM cross-entropy (over another count): the same
+    value and gradient as computing the two apart with autograd; the logged terms are the unweighted means."""
+    student, teacher, labels = random_logits(length=9)
+    labels[2, :] = -100  # a row without labels: with chunk_size 2 whole chunks are skipped
+    s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    lm_items = torch.tensor(40)
+    lm = T.loss.loss_utils.ForCausalLMLoss(s1, labels, s1.shape[-1], num_items_in_batch=lm_items)
+    expected = 0.7 * reference_kl(s1, teacher, labels, temperature) + 1.5 * lm
+    expected.backward()
+    terms = logit_and_lm_loss(s2, teacher, labels, temperature, logit_weight=0.7, lm_weight=1.5,
+                              lm_num_items=lm_items, chunk_size=chunk_size)
+    torch.testing.assert_close(terms["loss"], expected.detach())
+    terms["loss"].backward()
+    torch.testing.assert_close(s2.grad, s1.grad)
+    torch.testing.assert_close(terms["logit_loss"], reference_kl(student, teacher, labels, temperature))
+    torch.testing.assert_close(terms["lm_loss"], T.loss.loss_utils.ForCausalLMLoss(student, labels, student.shape[-1]))
+    assert not terms["logit_loss"].requires_grad and not terms["lm_loss"].requires_grad
+
+    # lm_weight 0: the LM loss is still reported, and the gradient is the KL's alone.
+    s3 = student.clone().requires_grad_(True)
+    kl_only = logit_and_lm_loss(s3, teacher, labels, temperature, chunk_size=chunk_size)
+    torch.testing.assert_close(kl_only["lm_loss"], terms["lm_loss"])
+    kl_only["loss"].backward()
+    s4 = student.clone().requires_grad_(True)
+    logit_distillation_loss(s4, teacher, labels, temperature, chunk_size=chunk_size).backward()
+    torch.testing.assert_close(s3.grad, s4.grad)
+
+
+def test_lm_weight_needs_labels_and_a_logit_term():
+    student, teacher, labels = random_logits()
+    with pytest.raises(ValueError, match="needs labels"):
+        logit_and_lm_loss(student, teacher, None, lm_weight=1.0)
+    with pytest.raises(ValueError, match="needs logit_weight > 0"):
+        distillation_loss({"logits": student, "hidden_states": (student, student)}, teacher, (teacher, teacher),
+                          labels, logit_weight=0.0, feature_weight=1.0, lm_weight=1.0)
 
 
 # ----- feature distillation -------------------------------------------------------------------------------
@@ -392,7 +433,8 @@ def test_distillation_loss_end_to_end():
     t_logits, t_hidden = teacher(ids, attention, need_hidden=True)
     terms = distillation_loss(outputs, t_logits, t_hidden, labels, logit_weight=1.0, feature_weight=0.5,
                               temperature=2.0, token_mask=attention.bool())
-    assert set(terms) == {"logit_loss", "feature_loss", "loss"}
+    assert set(terms) == {"logit_loss", "feature_loss", "lm_loss", "loss"}
+    torch.testing.assert_close(terms["lm_loss"], outputs.loss.detach())  # the model's own LM loss, for the logs
     assert float(terms["logit_loss"].detach()) < 1e-6 and float(terms["feature_loss"].detach()) < 1e-6
     torch.testing.assert_close(terms["loss"], terms["logit_loss"] + 0.5 * terms["feature_loss"])
 
@@ -412,7 +454,7 @@ def test_distillation_loss_end_to_end():
 
     only_logits = distillation_loss(outputs, t_logits, None, labels, logit_weight=1.0, feature_weight=0.0,
                                     temperature=2.0)
-    assert set(only_logits) == {"logit_loss", "loss"}
+    assert set(only_logits) == {"logit_loss", "lm_loss", "loss"}
     with pytest.raises(ValueError, match="output_hidden_states=True"):
         distillation_loss({"logits": outputs.logits}, t_logits, t_hidden, labels, logit_weight=1.0,
                           feature_weight=1.0, temperature=1.0)

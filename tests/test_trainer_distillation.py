@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
+from transformers import Trainer
 from test_trainer import arithmetic_dataset, make_args
 
 from pilot_hf import PILoTTrainer
@@ -84,6 +85,42 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         runs.append(trainer.model.state_dict())
     for name, tensor in runs[0].items():
         torch.testing.assert_close(tensor, runs[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_lm_loss_in_the_logit_pass_gives_the_same_run_as_the_models_own(tmp_path, monkeypatch, accumulation):
+    """The LM loss computed in the logit term's pass (the default for the plain causal-LM loss) and the one the
+    model computes (a custom loss takes that path) give the same training run and the same logged terms,
+    with and without gradient accumulation (where the LM loss is normalized over the accumulated batch)."""
+    common = dict(max_steps=3, sparsity=0.5, learning_rate=1e-3, optim="sgd", mask_learning_rate=None,
+                  max_grad_norm=0.0, lr_scheduler_type="constant", logging_steps=1, distill_logit_weight=0.7,
+                  distill_feature_weight=0.5, lm_loss_weight=1.5, distill_temperature=2.0,
+                  per_device_train_batch_size=8 // accumulation, gradient_accumulation_steps=accumulation)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(PILoTTrainer, "_plain_lm_loss", lambda self, model, fused=fused: fused)
+        trainer = PILoTTrainer(model=tiny_model("llama"), args=make_args(tmp_path / str(fused), **common),
+                               train_dataset=arithmetic_dataset(n=8 * 3))
+        calls = []  # the model computes its LM loss only through Trainer.compute_loss
+        monkeypatch.setattr(Trainer, "compute_loss", lambda *a, real=Trainer.compute_loss, **k: (calls.append(1),
+                                                                                                  real(*a, **k))[1])
+        trainer.train()
+        monkeypatch.undo()
+        assert bool(calls) != fused
+        runs.append((trainer.model.state_dict(), [h for h in trainer.state.log_history if "loss" in h]))
+    (fused_state, fused_logs), (model_state, model_logs) = runs
+    for name, tensor in fused_state.items():
+        torch.testing.assert_close(tensor, model_state[name], rtol=1e-4, atol=1e-6, msg=name)
+    for a, b in zip(fused_logs, model_logs, strict=True):
+        for key in ("loss", "lm_loss", "logit_loss", "feature_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_the_plain_causal_lm_loss_is_recognized(tmp_path):
+    trainer = distill_trainer(tmp_path, max_steps=1)
+    assert trainer._plain_lm_loss(trainer.model)
+    trainer.model.loss_function = lambda *a, **k: None  # a model with its own loss
+    assert not trainer._plain_lm_loss(trainer.model)
 
 
 def test_resume_with_distillation_is_bit_identical(tmp_path):
