@@ -103,6 +103,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             skipped = len(chunks) < -(-weight.numel() // chunk_size)
             grad = (torch.zeros_like if skipped else torch.empty_like)(student)
         t = temperature
+        ce_in_grad = targets is not None and (torch.is_tensor(ce_scale) or ce_scale != 0)
         for start, end, w in chunks:
             z_s = student[start:end].float()
             log_ps = F.log_softmax(z_s if t == 1 else z_s / t, dim=-1)
@@ -123,7 +124,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             if not want_grad:
                 continue
             kl_coef = (w * (kl_scale / t)).unsqueeze(1)
-            if targets is None:
+            if not ce_in_grad:
                 chunk_grad = log_ps.exp_().sub_(p_t).mul_(kl_coef)
             else:
                 ce_coef = labelled * ce_scale
@@ -131,7 +132,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                     chunk_grad = log_ps.exp_().mul_(kl_coef + ce_coef).sub_(p_t.mul_(kl_coef))
                 else:
                     chunk_grad = log_ps.exp_().sub_(p_t).mul_(kl_coef).add_(log_ps_lm.exp_().mul_(ce_coef))
-                chunk_grad.scatter_add_(1, y, -ce_coef.expand(-1, 1).to(chunk_grad.dtype))
+                chunk_grad.scatter_add_(1, y, -ce_coef)
             grad[start:end] = chunk_grad
         ctx.grad = grad if want_grad else None
         ce_sum = ce_sum.float()

@@ -4,7 +4,8 @@
     python scripts/bench_distill_loss.py --vocab 262144    # a Gemma-3-sized vocabulary
 
 Prints the best of --repeats timings per chunk size ("auto" is the default: distillation.CHUNK_BYTES per
-float32 temporary); compare with cross-entropy over the same logits, which the LM loss pays anyway.
+float32 temporary); compare with cross-entropy over the same logits, which the LM loss pays anyway. Then the KL
+plus the LM loss: computed apart, and in the one pass of `logit_and_lm_loss` that the trainer uses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def best_time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    from pilot_hf.distillation import logit_distillation_loss
+    from pilot_hf.distillation import logit_and_lm_loss, logit_distillation_loss
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -54,6 +55,12 @@ def main() -> None:
         size = chunk if chunk == "auto" else int(chunk)
         kl = best_time(run(lambda size=size: logit_distillation_loss(student, teacher, labels, chunk_size=size)), a.repeats)
         print(f"| {chunk} | {kl:.3f} | {kl / ce:.2f} |", flush=True)
+    # KL and LM loss together (chunks "auto"): computed apart, as two autograd terms, or in one pass.
+    apart = best_time(run(lambda: logit_distillation_loss(student, teacher, labels) + torch.nn.functional.cross_entropy(
+        student[:, :-1].flatten(0, 1), labels[:, 1:].flatten())), a.repeats)
+    fused = best_time(run(lambda: logit_and_lm_loss(student, teacher, labels, lm_weight=1.0)["loss"]), a.repeats)
+    print(f"\n| KL + LM loss | s | / cross-entropy |\n|---|---|---|\n| apart (KL, then cross-entropy) | {apart:.3f} | "
+          f"{apart / ce:.2f} |\n| one pass (`logit_and_lm_loss`) | {fused:.3f} | {fused / ce:.2f} |")
 
 
 if __name__ == "__main__":
