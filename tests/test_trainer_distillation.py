@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
-from transformers import Trainer
 from test_trainer import arithmetic_dataset, make_args
+from transformers import Trainer
 
 from pilot_hf import PILoTTrainer
 from pilot_hf.distillation import distillation_loss
@@ -102,8 +102,12 @@ def test_lm_loss_in_the_logit_pass_gives_the_same_run_as_the_models_own(tmp_path
         trainer = PILoTTrainer(model=tiny_model("llama"), args=make_args(tmp_path / str(fused), **common),
                                train_dataset=arithmetic_dataset(n=8 * 3))
         calls = []  # the model computes its LM loss only through Trainer.compute_loss
-        monkeypatch.setattr(Trainer, "compute_loss", lambda *a, real=Trainer.compute_loss, **k: (calls.append(1),
-                                                                                                  real(*a, **k))[1])
+
+        def counted(*args, real=Trainer.compute_loss, calls=calls, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(Trainer, "compute_loss", counted)
         trainer.train()
         monkeypatch.undo()
         assert bool(calls) != fused
