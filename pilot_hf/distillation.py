@@ -100,7 +100,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         chunks = _labelled_chunks(weight, chunk_size)
         want_grad = ctx.needs_input_grad[0]
         if want_grad:  # rows of skipped chunks get no gradient: zeros, unless no chunk is skipped
-            skipped = len(chunks) < -(-weight.numel() // chunk_size)
+            skipped = sum(end - start for start, end, _ in chunks) < weight.numel()
             grad = (torch.zeros_like if skipped else torch.empty_like)(student)
         t = temperature
         ce_in_grad = targets is not None and (torch.is_tensor(ce_scale) or ce_scale != 0)
@@ -184,6 +184,26 @@ def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
                          "(same tokenizer) and the same inputs.")
 
 
+def _logit_pass(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                temperature: float, *, logit_weight: float, num_items: int | torch.Tensor | None, lm_weight: float,
+                lm_num_items: int | torch.Tensor | None, chunk_size: int | str | None, with_lm: bool):
+    """(loss, Σ w·KL, Σ CE, local count of labelled positions) of one `_ChunkedLogitLoss` pass; `with_lm`:
+    compute the cross-entropy (needs labels), else Σ CE is 0."""
+    _check_logits(student_logits, teacher_logits, temperature)
+    vocab = student_logits.shape[-1]
+    weight = label_weights(student_logits, labels)
+    local = _count(None, weight)
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
+    targets = _shifted_targets(labels, student.device) if with_lm else None
+    kl_scale = logit_weight * temperature ** 2 / (local if num_items is None else _count(num_items, weight))
+    ce_scale = lm_weight / (local if lm_num_items is None else _count(lm_num_items, weight)) if lm_weight else 0.0
+    loss, kl_sum, ce_sum = _ChunkedLogitLoss.apply(student, teacher, weight, targets, float(temperature),
+                                                   _rows_per_chunk(chunk_size, vocab, weight.numel()),
+                                                   kl_scale, ce_scale)
+    return loss, kl_sum, ce_sum, local
+
+
 def logit_and_lm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                       temperature: float = 1.0, *, logit_weight: float = 1.0, lm_weight: float = 0.0,
                       num_items: int | torch.Tensor | None = None, lm_num_items: int | torch.Tensor | None = None,
@@ -197,22 +217,14 @@ def logit_and_lm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     With lm_weight 0 the cross-entropy is still computed for the log (at T = 1 a gather; at another T one more
     log-softmax per chunk) but takes no part in the gradient.
     """
-    _check_logits(student_logits, teacher_logits, temperature)
     if lm_weight and labels is None:
         raise ValueError("lm_weight > 0 needs labels for the LM loss.")
-    vocab = student_logits.shape[-1]
-    weight = label_weights(student_logits, labels)
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().to(student_logits.device).reshape(-1, vocab)
-    targets = None if labels is None else _shifted_targets(labels, student.device)
-    kl_scale = logit_weight * temperature ** 2 / _count(num_items, weight)
-    ce_scale = lm_weight / _count(lm_num_items, weight) if lm_weight else 0.0
-    loss, kl_sum, ce_sum = _ChunkedLogitLoss.apply(student, teacher, weight, targets, float(temperature),
-                                                   _rows_per_chunk(chunk_size, vocab, weight.numel()),
-                                                   kl_scale, ce_scale)
-    local = _count(None, weight)
+    loss, kl_sum, ce_sum, local = _logit_pass(student_logits, teacher_logits, labels, temperature,
+                                              logit_weight=logit_weight, num_items=num_items, lm_weight=lm_weight,
+                                              lm_num_items=lm_num_items, chunk_size=chunk_size,
+                                              with_lm=labels is not None)
     terms = {"loss": loss, "logit_loss": kl_sum * (temperature ** 2) / local}
-    if targets is not None:
+    if labels is not None:
         terms["lm_loss"] = ce_sum / local
     return terms
 
@@ -232,14 +244,8 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
     normalized like Trainer's cross-entropy under gradient accumulation. To compute the LM loss in the same
     pass, use `logit_and_lm_loss`.
     """
-    _check_logits(student_logits, teacher_logits, temperature)
-    vocab = student_logits.shape[-1]
-    weight = label_weights(student_logits, labels)
-    loss, _, _ = _ChunkedLogitLoss.apply(
-        student_logits.reshape(-1, vocab), teacher_logits.detach().to(student_logits.device).reshape(-1, vocab),
-        weight, None, float(temperature), _rows_per_chunk(chunk_size, vocab, weight.numel()),
-        temperature ** 2 / _count(num_items, weight), 0.0)
-    return loss
+    return _logit_pass(student_logits, teacher_logits, labels, temperature, logit_weight=1.0, num_items=num_items,
+                       lm_weight=0.0, lm_num_items=None, chunk_size=chunk_size, with_lm=False)[0]
 
 
 @torch.no_grad()

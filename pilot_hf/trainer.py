@@ -301,12 +301,12 @@ class PILoTTrainer(Trainer):
         # same share: the terms are divided by `share` below, and the fused LM term is multiplied by it here.
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         share = self.current_gradient_accumulation_steps if scaled else 1
-        lm_weight = a.lm_loss_weight * share * self._token_average_scale() if scaled else a.lm_loss_weight
+        lm_weight = 0.0 if not fused else (a.lm_loss_weight * share * self._token_average_scale() if scaled
+                                           else a.lm_loss_weight)
         terms = distillation_loss(outputs, teacher_logits, teacher_hidden, labels,
                                   logit_weight=a.distill_logit_weight, feature_weight=a.distill_feature_weight,
                                   temperature=a.distill_temperature, token_mask=None if mask is None else mask.bool(),
-                                  lm_weight=lm_weight if fused else 0.0,
-                                  lm_num_items=num_items_in_batch if scaled else None)
+                                  lm_weight=lm_weight, lm_num_items=num_items_in_batch if scaled else None)
         logged = {k: v for k, v in terms.items() if k != "loss"}
         if by_model:
             lm = outputs["loss"].detach().float()
