@@ -32,5 +32,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   unpack_deb "python$pyver-doc" "usr/share/doc/python$pyver/html/_sources" pyguide
   # Fourth text ('devil'): Bierce's The Devil's Dictionary (public domain), from Debian's dict-devil.
   unpack_deb dict-devil usr/share/dictd/devil.dict.dz devil
+  # The budget study's corpus (scripts/study_pretrain.py): Perl's manuals, and Debian's fortunes (another domain).
+  unpack_deb perl-doc usr/share/perl study
+  unpack_deb fortunes usr/share/games/fortunes study
   echo "$want" > "$stamp"
 fi
