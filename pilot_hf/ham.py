@@ -54,6 +54,15 @@ def ham_step(targets: list[HAMTarget], alpha: float, beta: float) -> None:
         weight.mul_(exponent.exp_())
 
 
+def skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this step found inf/NaN gradients. GradScaler skips `step()` of most optimizers (no hook runs),
+    but calls it on fused ones (AdamW(fused=True), Trainer's default) with `found_inf` set, and they skip
+    inside: the post-step hook must skip too. (A still-scaled gradient needs nothing: g / RMS(g) is
+    scale-free.)"""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf is not None and bool(found_inf)
+
+
 def _effective_grad(t: HAMTarget) -> torch.Tensor:
     """∂f/∂x of this process's shard: the weight's gradient, or, for x = m ⊙ w, weight.grad / m (0 where m = 0,
     where x = 0 and no factor can move it)."""

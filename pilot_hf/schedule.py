@@ -4,8 +4,8 @@ goes here, with its arguments in `PILoTTrainingArguments`.
 
 - the target layers, found once (masked layers of a wrapped model, else the configured linear layers);
 - α_t: the controller or a fixed schedule (docs/METHOD.md section 5), fed the training loss;
-- the optimizer hooks: before each step the regularization (section 3); after it HAM (section 11), then the
-  frozen pruning pattern, if any, is re-applied;
+- the optimizer hooks: before each step the regularization (section 3); after it the frozen pruning pattern,
+  if any, is re-applied, then HAM's step (section 11);
 - gradual magnitude pruning (section 10), prune-and-freeze for recovery (section 6), `keep_zeros`;
 - diagnostics (section 4) and the checkpoint state.
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PILoTConfig
-from .ham import HAMTarget, ham_step
+from .ham import HAMTarget, ham_step, skipped_by_grad_scaler
 from .pruning import SparsityPattern, apply_keep_mask, full_tensor, is_sharded, keep_masks, local_tensor
 from .regularization import AlphaController
 from .training_args import PILoTTrainingArguments
@@ -110,11 +110,12 @@ class SparsitySchedule:
 
     @torch.no_grad()
     def after_step(self, optimizer, *_) -> None:
-        """HAM's multiplicative step on every target matrix, then the frozen pattern (zeros stay zeros)."""
-        if self.args.ham:
-            ham_step(self.ham_targets(optimizer), self.args.ham_alpha, self.args.ham_beta)
+        """The frozen pattern (Adam's momentum would move pruned entries), then HAM's multiplicative step on
+        every target matrix, which leaves exact zeros at zero by itself."""
         for p, keep in self.frozen:
             apply_keep_mask(p, keep)
+        if self.args.ham and not skipped_by_grad_scaler(optimizer):
+            ham_step(self.ham_targets(optimizer), self.args.ham_alpha, self.args.ham_beta)
 
     def ham_targets(self, optimizer) -> list[HAMTarget]:
         """Each target matrix's scaled tensor (the weight, also of mask ⊙ weight), with its group's learning rate."""

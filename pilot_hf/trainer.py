@@ -7,8 +7,8 @@ What it adds to Trainer, and where (docs/METHOD.md, sections 2-6 and 10):
 - the sparsity schedule (`pilot_hf.schedule.SparsitySchedule`: the target layers, α_t, GMP, prune-and-freeze,
   recovery, HAM, diagnostics) is driven from a callback and two optimizer hooks;
 - optimizer: `create_optimizer` gives masks their own learning rate, takes masks and target weights out of
-  `weight_decay`, and registers the schedule's hooks: before each step the regularization, after it HAM
-  and the frozen pruning pattern;
+  `weight_decay`, and registers the schedule's hooks: before each step the regularization, after it the
+  frozen pruning pattern and HAM;
 - `log` adds alpha, balance, l1_ratio, prune_damage and sparsity to the Trainer's own logs;
 - checkpoints carry `pilot_state.json` (controller state + the run settings record), checked and restored on
   resume;
