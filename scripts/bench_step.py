@@ -8,13 +8,16 @@ variant listed. Each variant runs in its own process so its peak resident memory
     python scripts/bench_step.py --plain-autograd     # also PILoT with plain autograd (keeps mask ⊙ weight)
     python scripts/bench_step.py --variants pilot pilot-kd-logit pilot-kd      # cost of distillation
     python scripts/bench_step.py --variants finetune lora                      # sparse fine-tuning: full vs LoRA
+    python scripts/bench_step.py --model smollm2 --variants finetune finetune-ham   # the cost of HAM
 
 Variants: dense (transformers.Trainer), pilot (PILoTTrainer), pilot-plain (`MaskedLinear.recompute_product
 = False`: the autograd graph keeps mask ⊙ weight of every layer from forward to backward), pilot-kd-logit
 (+ logit distillation from the dense model), pilot-kd (+ logit and SquareHead feature distillation),
 pilot-kd-pure (logit and SquareHead with LM loss weight 0: the recommended recipe, docs/BENCHMARKS.md section 8),
-finetune (full fine-tuning of a 50% magnitude-pruned copy, zeros kept: `keep_zeros`) and lora (PEFT LoRA,
-r = 16, on every target layer of the same pruned copy, base frozen: `pilot-hf finetune --lora`).
+finetune (full fine-tuning of a 50% magnitude-pruned copy, zeros kept: `keep_zeros`), lora (PEFT LoRA,
+r = 16, on every target layer of the same pruned copy, base frozen: `pilot-hf finetune --lora`) and gmp
+(gradual magnitude pruning to 50%, an event every 2 steps). A `-ham` suffix adds HAM's step after every
+optimizer step (`ham=True`, docs/METHOD.md section 11): finetune-ham, gmp-ham, pilot-ham.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import time
 
 SMOLLM2 = ("smollm2", "smollm2-135m")  # the real SmolLM2-135M-Instruct (pilot_hf.assets.load_demo_model)
 VARIANTS = {"dense": "dense", "pilot": "PILoT", "pilot-plain": "PILoT plain", "pilot-kd-logit": "PILoT+KD logit",
-            "pilot-kd": "PILoT+KD", "pilot-kd-pure": "PILoT+KD pure", "finetune": "full FT", "lora": "LoRA"}
+            "pilot-kd": "PILoT+KD", "pilot-kd-pure": "PILoT+KD pure", "finetune": "full FT", "lora": "LoRA",
+            "gmp": "GMP", "finetune-ham": "full FT+HAM", "gmp-ham": "GMP+HAM", "pilot-ham": "PILoT+HAM"}
 
 
 def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -41,6 +45,8 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     from pilot_hf.assets import load_demo_model
 
     rss_libs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # interpreter + libraries, before the model
+    ham = variant.endswith("-ham")
+    variant = variant.removesuffix("-ham")
     torch.manual_seed(0)
     MaskedLinear.recompute_product = variant != "pilot-plain"
     if model_spec in SMOLLM2:
@@ -80,18 +86,21 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
         peft_model = prepare_sparse_lora(model, sparse_lora_config(model, r=16, lora_alpha=32))
         trainer = Trainer(model=peft_model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
     elif variant == "finetune":
-        args = PILoTTrainingArguments(**common, method="finetune", sparsity=0.0, keep_zeros=True)
+        args = PILoTTrainingArguments(**common, method="finetune", sparsity=0.0, keep_zeros=True, ham=ham)
+        trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
+    elif variant == "gmp":
+        args = PILoTTrainingArguments(**common, method="gmp", sparsity=0.5, gmp_interval=2, ham=ham)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     else:
         kd = {"pilot-kd-logit": dict(distill_logit_weight=1.0),
               "pilot-kd": dict(distill_logit_weight=1.0, distill_feature_weight=1.0),
               "pilot-kd-pure": dict(distill_logit_weight=1.0, distill_feature_weight=1.0, lm_loss_weight=0.0),
               }.get(variant, {})
-        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, **kd)
+        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, ham=ham, **kd)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     trainer.train()
     step_s = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median: robust to a noisy neighbour
-    return {"variant": variant, "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
+    return {"variant": variant + ("-ham" if ham else ""), "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
             "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "libs_rss_mb": rss_libs / 1024}
 
