@@ -12,6 +12,7 @@ weight, with g = weight.grad / mask: the product then moves as a plain weight wo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,21 +38,26 @@ def ham_step(targets: list[HAMTarget], alpha: float, beta: float) -> None:
     targets = [t for t in targets if t.weight.grad is not None]
     if not targets:
         return
-    # Two passes, one gradient temporary alive at a time (x = m ⊙ w computes weight.grad / m in each).
-    sum_sq = torch.stack([torch.linalg.vector_norm(_effective_grad(t), dtype=torch.float32) ** 2 for t in targets])
+    # Two passes, so that at most one gradient temporary (mask ⊙ weight: weight.grad / |m|) is alive at a time.
+    sum_sq = torch.stack([torch.linalg.vector_norm(_signed_grad(t), dtype=torch.float32) ** 2 for t in targets])
     _sum_over_shards(sum_sq, [t.weight for t in targets])
-    numel = torch.tensor([t.weight.numel() for t in targets], dtype=torch.float32, device=sum_sq.device)
-    rms = (sum_sq / numel).sqrt()
-    lrs = torch.tensor([t.lr for t in targets], dtype=torch.float32, device=sum_sq.device)
-    # −lr·α/RMS per tensor, kept on the device (no sync); a tensor with no gradient at all gets no α-term.
-    scales = torch.where(rms > 0, -lrs * alpha / rms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    for t, scale in zip(targets, scales):
+    rms = (sum_sq / torch.tensor([float(t.weight.numel()) for t in targets], device=sum_sq.device)).sqrt()
+    # The exponent in base 2 (exp2 is cheaper than exp): −lr·(α·sign(x)·g/RMS + β)·log2(e), clamped to ±5·log2(e).
+    # A tensor whose gradient is all zero gets no α-term.
+    log2e = 1.0 / math.log(2.0)
+    inverse_rms = torch.where(rms > 0, 1.0 / rms.clamp_min(torch.finfo(torch.float32).tiny), 0.0).tolist()
+    buffer = torch.empty(max(local_tensor(t.weight).numel() for t in targets), dtype=torch.float32,
+                         device=local_tensor(targets[0].weight).device)  # one exponent buffer for every tensor
+    for t, inverse in zip(targets, inverse_rms):
         weight = local_tensor(t.weight)
-        exponent = weight.sign().float().mul_(_effective_grad(t)).mul_(scale)  # sign(x) = sign(w) for mask > 0
-        if t.mask is not None:
-            exponent.mul_(local_tensor(t.mask).sign())  # sign(x) = sign(m)·sign(w) in general
-        exponent.sub_(t.lr * beta).clamp_(-EXPONENT_CLAMP, EXPONENT_CLAMP)
-        weight.mul_(exponent.exp_())
+        exponent = buffer[:weight.numel()].view(weight.shape)
+        if weight.dtype == exponent.dtype:
+            torch.sign(weight, out=exponent)
+        else:  # bf16/fp16 weights: the exponent is still computed in fp32
+            exponent.copy_(weight).sign_()
+        torch.addcmul(torch.tensor(-t.lr * beta * log2e, device=exponent.device), exponent, _signed_grad(t),
+                      value=-t.lr * alpha * inverse * log2e, out=exponent)
+        weight.mul_(exponent.clamp_(-EXPONENT_CLAMP * log2e, EXPONENT_CLAMP * log2e).exp2_())
 
 
 def skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
@@ -63,13 +69,14 @@ def skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
     return found_inf is not None and bool(found_inf)
 
 
-def _effective_grad(t: HAMTarget) -> torch.Tensor:
-    """∂f/∂x of this process's shard: the weight's gradient, or, for x = m ⊙ w, weight.grad / m (0 where m = 0,
-    where x = 0 and no factor can move it)."""
+def _signed_grad(t: HAMTarget) -> torch.Tensor:
+    """g with sign(x)·g = sign(w)·g, for this process's shard: the weight's gradient, or, for x = m ⊙ w,
+    ∂f/∂x·sign(m) = weight.grad / |m| (the chain rule gives weight.grad = ∂f/∂x·m); 0 where m = 0, where x = 0
+    and no factor can move it. Same RMS as ∂f/∂x."""
     grad = local_tensor(t.weight.grad)
     if t.mask is None:
         return grad
-    mask = local_tensor(t.mask)
+    mask = local_tensor(t.mask).abs()
     return torch.where(mask != 0, grad / mask, 0.0)
 
 

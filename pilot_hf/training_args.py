@@ -142,15 +142,13 @@ class PILoTTrainingArguments(TrainingArguments):
                   "pilot/spred the product mask ⊙ weight is scaled (through the weight). Any trained method."})
     ham_alpha: float = field(
         default=1.0,
-        metadata={"help": "HAM's gradient term, relative to the learning rate: 1 moves an entry whose gradient has the "
-                  "tensor's RMS size by a factor exp(±lr) per step, towards the sign that lowers the loss and "
-                  "slower the smaller |w| is relative to its gradient share. Chosen on validation text (docs/METHOD.md "
-                  "section 11)."})
+        metadata={"help": "HAM's gradient term, in learning-rate units: 1 scales an entry whose gradient has the "
+                  "tensor's RMS size by exp(±lr) per step (Adam moves it by about lr, so HAM's step is ham_alpha·|w| "
+                  "times Adam's). Default chosen on validation text (docs/METHOD.md section 11)."})
     ham_beta: float = field(
         default=0.0,
         metadata={"help": "HAM's shrinkage: every target weight is scaled by exp(−lr·ham_beta) per step (a "
-                  "multiplicative weight decay; the authors' β=1e-3 at lr 0.1 is ham_beta=1 at lr 1e-4 in "
-                  "per-step terms)."})
+                  "multiplicative weight decay; the authors' β=1e-3 at lr 0.1 is ham_beta=1 at lr 1e-4)."})
     beta: float = field(default=1.0, metadata={"help": "PILoT init scale β > 0 (mask0² − weight0² = β)."})
     init: str | None = field(default=None, metadata={"help": "pilot or spred; default by method."})
     target_modules: list[str] | None = field(

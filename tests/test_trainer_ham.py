@@ -36,6 +36,16 @@ def test_ham_step_is_the_formula_and_keeps_zeros():
     assert float(weight.detach()[2, 2] / w[2, 2]) == pytest.approx(float(torch.exp(-5.0 * torch.sign(w[2, 2]))))
 
 
+def test_ham_step_on_bfloat16_weights_computes_in_float32():
+    g = torch.Generator().manual_seed(2)
+    w, grad = torch.randn(4, 8, generator=g).bfloat16(), torch.randn(4, 8, generator=g).bfloat16()
+    weight = torch.nn.Parameter(w.clone())
+    weight.grad = grad
+    ham_step([HAMTarget(weight, None, lr=0.1)], alpha=10.0, beta=1.0)
+    expected = expected_ham(w.float(), grad.float(), 0.1, 10.0, 1.0).bfloat16()
+    assert weight.dtype == torch.bfloat16 and torch.equal(weight.detach(), expected)
+
+
 def test_ham_on_mask_times_weight_scales_the_product_as_a_plain_weight():
     """x = m ⊙ w: the weight takes the factor, with ∂f/∂x = weight.grad / m; the product moves as a plain x."""
     g = torch.Generator().manual_seed(1)
