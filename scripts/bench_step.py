@@ -66,13 +66,15 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
                   learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                   disable_tqdm=True, dataloader_num_workers=0)
     times: list[float] = []
+    cpu_times: list[float] = []  # this process's CPU time: less sensitive than wall time to busy neighbours
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.cpu)
 
     if variant in ("finetune", "lora"):  # an already sparse model: 50% by magnitude, per layer
         from pilot_hf import magnitude_prune
@@ -99,9 +101,9 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
         args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, ham=ham, **kd)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     trainer.train()
-    step_s = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median: robust to a noisy neighbour
+    step_s = statistics.median(times[warmup:])  # median: robust to a noisy neighbour
     return {"variant": variant + ("-ham" if ham else ""), "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
-            "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "step_s": step_s, "step_cpu_s": statistics.median(cpu_times[warmup:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "libs_rss_mb": rss_libs / 1024}
 
 
@@ -131,6 +133,7 @@ def main() -> None:
     print(f"ratios are against {VARIANTS[base]}; the variants are described in this script's docstring")
     names = [VARIANTS[v] for v in variants]
     cols = ([f"{n} step s" for n in names] + [f"{n} time ratio" for n in names[1:]]
+            + [f"{n} CPU time ratio" for n in names[1:]]
             + [f"{n} peak MB" for n in names] + [f"{n} memory ratio" for n in names[1:]])
     print("| model | params | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
@@ -144,12 +147,14 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 res[variant].append(json.loads(out.strip().splitlines()[-1]))
         step = {v: statistics.median(r["step_s"] for r in runs) for v, runs in res.items()}
+        cpu = {v: statistics.median(r["step_cpu_s"] for r in runs) for v, runs in res.items()}
         peak = {v: statistics.median(r["peak_rss_mb"] - r["libs_rss_mb"] for r in runs) for v, runs in res.items()}
         spreads.append(f"{spec}: " + ", ".join(
             f"{v} step s {min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}, "
             f"peak MB {min(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}-"
             f"{max(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}" for v, runs in res.items()))
         cells = ([f"{step[v]:.3f}" for v in variants] + [f"{step[v] / step[base]:.3f}" for v in variants[1:]]
+                 + [f"{cpu[v] / cpu[base]:.3f}" for v in variants[1:]]
                  + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak[base]:.3f}" for v in variants[1:]])
         print(f"| {spec} | {res[base][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
     if a.repeats > 1:
