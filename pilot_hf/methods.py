@@ -11,6 +11,8 @@
   `pilot+wanda`: method `pilot`, warm start `wanda`. Pruned weights start at 0 and may regrow.
 - Any trained method may also distil from the dense model (docs/METHOD.md section 10); a sweep writes that
   cell with the suffix `+kd` (`pilot+wanda+kd`), so runs with and without distillation are separate rows.
+- Any trained method may add HAM's multiplicative step after each optimizer step (docs/METHOD.md section 11):
+  suffix `+ham` (`gmp+ham`, `finetune+wanda+ham`, `pilot+ham+kd`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ TRAINED_METHODS = ("pilot", "spred", "l1", "gmp", "finetune")
 WARM_STARTS = ONESHOT_METHODS
 CALIBRATED_METHODS = ("wanda", "sparsegpt")  # need calibration activations
 DISTILLED = "kd"  # sweep suffix: this trained cell distils from the dense model
+HAM = "ham"  # sweep suffix: this trained cell adds HAM's step after each optimizer step
 
 # Model-card title and description of each method.
 DESCRIPTIONS = {
@@ -70,28 +73,29 @@ def check_warm_start(warm_start: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method as a sweep names it: 'dense', a one-shot method, a trained method, or 'trained+warm_start'."""
+    """A method as a sweep names it: 'dense', a one-shot method, or a trained method with its options,
+    '<trained>[+<warm start>][+ham][+kd]' (written in that order)."""
 
     name: str
     warm_start: str | None = None
     distill: bool = False
+    ham: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> MethodSpec:
         name, *rest = str(spec).split("+")
-        distill = bool(rest) and rest[-1] == DISTILLED
-        rest = rest[:-1] if distill else rest
+        warm_start = rest.pop(0) if rest and rest[0] in WARM_STARTS else None
         known = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS)
-        if name not in known or ((rest or distill) and name not in TRAINED_METHODS) or len(rest) > 1 \
-                or (rest and rest[0] not in WARM_STARTS):
-            examples = ", ".join([*known, "pilot+wanda", "pilot+wanda+kd"])
+        if name not in known or (rest or warm_start) and name not in TRAINED_METHODS \
+                or rest not in ([], [HAM], [DISTILLED], [HAM, DISTILLED]):
+            examples = ", ".join([*known, "pilot+wanda", "pilot+wanda+kd", "gmp+ham", "finetune+wanda+ham"])
             raise ValueError(f"unknown method {spec!r}; choose among {examples} (a trained method may start "
-                             f"from a one-shot one, '<trained>+<{'|'.join(WARM_STARTS)}>', and distil from the "
-                             f"dense model, '...+{DISTILLED}').")
-        return cls(name, rest[0] if rest else None, distill)
+                             f"from a one-shot one, '<trained>+<{'|'.join(WARM_STARTS)}>', add HAM, '...+{HAM}', "
+                             f"and distil from the dense model, '...+{DISTILLED}', in this order).")
+        return cls(name, warm_start, DISTILLED in rest, HAM in rest)
 
     def __str__(self) -> str:
-        return "+".join([self.name, *([self.warm_start] if self.warm_start else []),
+        return "+".join([self.name, *([self.warm_start] if self.warm_start else []), *([HAM] if self.ham else []),
                          *([DISTILLED] if self.distill else [])])
 
     @property
@@ -109,4 +113,4 @@ class MethodSpec:
 
 
 ALL_METHODS = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS,
-               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))  # each trained one also with "+kd"
+               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))  # trained ones also "+ham", "+kd"

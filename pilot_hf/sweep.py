@@ -36,8 +36,9 @@ class SweepArguments:
 
     methods: list[str] = field(default_factory=lambda: ["dense", "magnitude", "wanda", "sparsegpt"], metadata={
         "help": f"Methods: {', '.join(ALL_METHODS)} ('<trained>+<one-shot>': a trained method with a warm start; "
-                "append '+kd' to a trained method to distil from the dense model with the given distill_* "
-                "settings, or logit distillation of weight 1 if none are given)."})
+                "append '+ham' to a trained method to add HAM's step with the given ham_alpha/ham_beta, and '+kd' "
+                "to distil from the dense model with the given distill_* settings, or logit distillation of weight "
+                "1 if none are given; in that order, e.g. finetune+wanda+ham+kd)."})
     sparsities: list[str] = field(default_factory=lambda: ["0.5", "0.7", "2:4"], metadata={
         "help": "Sparsities (fractions, unstructured per layer) or N:M patterns."})
 
@@ -62,7 +63,8 @@ def parse_cell_sparsity(spec: str) -> tuple[float, str]:
 
 def cell_arguments(training_args: PILoTTrainingArguments, spec: MethodSpec, sparsity_spec: str,
                    output_dir: str) -> PILoTTrainingArguments:
-    """The training arguments of one trained cell: the shared budget, this cell's method and target."""
+    """The training arguments of one trained cell: the shared budget, this cell's method and target; HAM and
+    distillation only in cells named with '+ham' / '+kd'."""
     sparsity, pattern = parse_cell_sparsity(sparsity_spec)
     distill = {"distill_logit_weight": 0.0, "distill_feature_weight": 0.0, "teacher_model_name_or_path": None,
                "teacher_dtype": None, "lm_loss_weight": 1.0}  # a cell without '+kd' never distils
@@ -70,7 +72,8 @@ def cell_arguments(training_args: PILoTTrainingArguments, spec: MethodSpec, spar
         distill = {} if training_args.distills else {"distill_logit_weight": 1.0}
     return training_args.with_method(spec.name, warm_start=spec.warm_start, sparsity=None if ":" in pattern else
                                      sparsity, sparsity_pattern=pattern, output_dir=output_dir, save_strategy="no",
-                                     report_to=[], disable_tqdm=True, resume_from_checkpoint=None, **distill)
+                                     report_to=[], disable_tqdm=True, resume_from_checkpoint=None, ham=spec.ham,
+                                     **distill)
 
 
 def cell_settings(spec: MethodSpec, sparsity_spec: str, model_args: ModelArguments, data_args: DataArguments,

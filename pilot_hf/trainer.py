@@ -4,13 +4,11 @@ What it adds to Trainer, and where (docs/METHOD.md, sections 2-6 and 10):
 - `__init__`: takes a frozen teacher copy if distilling, applies a one-shot warm start if asked, then swaps
   target layers for `MaskedLinear` (pilot/spred) before Trainer sees the model;
 - `compute_loss`: LM loss plus the distillation terms (logit KL, SquareHead), each logged;
-- `gmp` prunes by magnitude on a cubic schedule during training; `keep_zeros` holds an existing pattern;
+- the sparsity schedule (`pilot_hf.schedule.SparsitySchedule`: the target layers, α_t, GMP, prune-and-freeze,
+  recovery, HAM, diagnostics) is driven from a callback and two optimizer hooks;
 - optimizer: `create_optimizer` gives masks their own learning rate, takes masks and target weights out of
-  `weight_decay`, and registers two optimizer hooks: before each step the regularization is added to the
-  mask/weight gradients (coupled) or applied to the parameters (decoupled); after each step a frozen
-  pruning pattern, if any, is re-applied;
-- the α controller runs in a callback at the end of every optimizer step, from the mean training loss
-  (reduced over processes) and the L1 ratio; rank 0's decision is broadcast so every process agrees;
+  `weight_decay`, and registers the schedule's hooks: before each step the regularization, after it the
+  frozen pruning pattern and HAM;
 - `log` adds alpha, balance, l1_ratio, prune_damage and sparsity to the Trainer's own logs;
 - checkpoints carry `pilot_state.json` (controller state + the run settings record), checked and restored on
   resume;
@@ -33,18 +31,16 @@ from .distillation import Teacher, distillation_loss, lm_loss_value
 from .hub import CardInfo, card_info_for_run, write_model_card
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
-from .pruning import SparsityPattern, apply_keep_mask, full_tensor, keep_masks, local_tensor
-from .regularization import AlphaController
+from .pruning import SparsityPattern, full_tensor
+from .schedule import SparsitySchedule
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
     effective_weight,
     find_target_layers,
     is_wrapped,
-    magnitude_prune,
     masked_layers,
     merge_and_unload,
     out_in_layout,
-    prune_model,
     sparsity_report,
     wrap_model,
 )
@@ -127,6 +123,10 @@ class PILoTTrainer(Trainer):
                              "parameters and writes them back after every step, so pruned entries come back (seen in "
                              "a ZeRO-2 run on CPU: docs/DESIGN.md, 'Verified where'). Use FSDP2 or DDP for a frozen "
                              "pattern, or recovery_steps=0 with method='pilot' (pruning at the end works).")
+        if self.is_deepspeed_enabled and args.ham:
+            raise ValueError("ham under DeepSpeed: ZeRO steps its own flat fp32 copies of the parameters and writes "
+                             "them over ours, so a step after the optimizer's would be lost (and its gradients are "
+                             "partitioned flat buffers, not per-matrix). Use FSDP2 or DDP with ham.")
         if self.teacher is not None:
             if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 raise ValueError("distillation under ZeRO-3 was never run (its teacher would be a full, unsharded "
@@ -134,19 +134,9 @@ class PILoTTrainer(Trainer):
                                  "ZeRO-2 (a full teacher per process; teacher_dtype='bfloat16' halves it), or train "
                                  "without distillation.")
             self.teacher.to(self.args.device)  # unsharded, one per process (also under FSDP2: docs/DESIGN.md)
-        self.regularized = self._regularized_parameters(model)  # name -> parameter
-        self.masks = {n for n in self.regularized if n.endswith(".mask")}
-        with torch.no_grad():
-            self.l1_init = float(sum(effective_weight(m).abs().sum() for m in self._targets().values()))
-        self.l1_ratio_threshold = args.l1_ratio_threshold or self._default_l1_ratio_threshold()
-        self.controller: AlphaController | None = None
-        self.pruned = False
-        self.frozen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, keep) after pruning
+        self.schedule = SparsitySchedule(model, self.args, self.pilot_config, self.accelerator)
         self.sparsity_report: dict | None = None
         self.gathered = False  # FSDP2: finish() replaced the sharded model by a plain one on every process
-        self._interval_loss = None
-        self._interval_steps = 0
-        self._regularized_ids: set[int] = set()
         self._term_sums: dict[str, float] = {}  # distillation and LM loss terms since the last log
         self._term_count = 0
         self.add_callback(_PILoTCallback(self))
@@ -163,28 +153,16 @@ class PILoTTrainer(Trainer):
         for name, layer in layers.items():
             pattern.check_shape(name, tuple(out_in_layout(effective_weight(layer), layer).shape))
 
+    # The schedule's state, read through (the run's commands, sweeps and tests look at these).
+    controller = property(lambda self: self.schedule.controller)
+    frozen = property(lambda self: self.schedule.frozen)
+    pruned = property(lambda self: self.schedule.pruned)
+    regularized = property(lambda self: self.schedule.regularized)
+    _regularized_ids = property(lambda self: self.schedule.regularized_ids)
+    alpha = property(lambda self: self.schedule.alpha)
+
     def _targets(self) -> dict[str, nn.Module]:
-        return masked_layers(self.model) or find_target_layers(self.model, self.pilot_config)
-
-    def _regularized_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        if self.args.method == "finetune":
-            return {}
-        if self.args.reparameterized:
-            names = {f"{n}.{p}" for n in masked_layers(model) for p in ("mask", "weight")}
-        else:
-            names = {f"{n}.weight" for n in find_target_layers(model, self.pilot_config)}
-        return {n: p for n, p in model.named_parameters() if n in names}
-
-    @torch.no_grad()
-    def _default_l1_ratio_threshold(self) -> float:
-        """K = the L1 share of W_init that pruning at the target sparsity would keep (0.5 without a target)."""
-        if not self.args.prunes:
-            return 0.5
-        targets = self._targets()
-        scores = {n: out_in_layout(effective_weight(m).abs().float(), m) for n, m in targets.items()}
-        keep = keep_masks(scores, self.args.sparsity, self.args.sparsity_pattern)
-        kept = sum(float((scores[n] * keep[n]).sum()) for n in scores)
-        return kept / max(self.l1_init, 1e-30)
+        return self.schedule.layers
 
     # ----- optimizer: parameter groups and regularization hooks -------------------------------------
 
@@ -195,21 +173,19 @@ class PILoTTrainer(Trainer):
     def create_optimizer(self, model=None):
         created = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        names = {id(p): _clean_name(n) for n, p in opt_model.named_parameters()}
-        self._regularized_ids = {i for i, n in names.items() if n in self.regularized}
+        schedule = self.schedule
+        schedule.refresh_parameters()
         inner = getattr(optimizer, "optimizer", optimizer)
-        if created and self.masks and self.args.mask_learning_rate is not None:
-            _move_to_own_group(inner, {i for i, n in names.items() if n in self.masks}, lr=self.args.mask_learning_rate)
-        target_weights = {f"{t}.weight" for t in self._targets()}
-        target_weight_ids = {i for i, n in names.items() if n in target_weights}
+        if created and schedule.masks and self.args.mask_learning_rate is not None:
+            _move_to_own_group(inner, {id(m.mask) for m in schedule.layers.values()}, lr=self.args.mask_learning_rate)
+        target_weight_ids = {id(m.weight) for m in schedule.layers.values()}
         if created and self.args.weight_learning_rate is not None:
             _move_to_own_group(inner, target_weight_ids, lr=self.args.weight_learning_rate)
         if created and self.args.tensorwise_second_moment:  # masks and weights; the plain weights for dense
-            _move_to_own_group(inner, self._regularized_ids or target_weight_ids, tensorwise=True)
+            _move_to_own_group(inner, schedule.regularized_ids or target_weight_ids, tensorwise=True)
         if not getattr(inner, "_pilot_hooks", False):
             inner.register_step_pre_hook(self._regularize)
-            inner.register_step_post_hook(self._apply_frozen_pattern)
+            inner.register_step_post_hook(schedule.after_step)
             inner._pilot_hooks = True
         return optimizer
 
@@ -220,34 +196,9 @@ class PILoTTrainer(Trainer):
             cls, kwargs = TensorwiseAdamW, {k: kwargs[k] for k in ("lr", "betas", "eps") if k in kwargs}
         return cls, kwargs
 
-    @property
-    def alpha(self) -> float:
-        if self.pruned or self.controller is None:
-            return 0.0
-        return self.controller.alpha
-
-    @torch.no_grad()
     def _regularize(self, optimizer, *_):
-        alpha = self.alpha
-        if alpha == 0 or self.regularize_in_loss:
-            return
-        l1 = self.args.method == "l1"
-        coupled = self.args.regularization == "coupled"
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in self._regularized_ids or p.grad is None:
-                    continue
-                if coupled:  # the gradient of α‖p‖² (2αp), or of α‖p‖₁ (α·sign p)
-                    p.grad.add_(p.sign() if l1 else p, alpha=alpha if l1 else 2 * alpha)
-                elif l1:  # proximal step of α‖p‖₁: soft-threshold by lr·α
-                    p.copy_(p.sign() * (p.abs() - group["lr"] * alpha).clamp_min(0))
-                else:
-                    p.mul_(1 - 2 * group["lr"] * alpha)
-
-    @torch.no_grad()
-    def _apply_frozen_pattern(self, *_):
-        for p, keep in self.frozen:
-            apply_keep_mask(p, keep)
+        if not self.regularize_in_loss:  # under DeepSpeed the penalty goes into the loss instead
+            self.schedule.before_step(optimizer)
 
     # ----- controller, pruning and diagnostics ------------------------------------------------------
 
@@ -270,7 +221,7 @@ class PILoTTrainer(Trainer):
         if self.args.regularization != "coupled":
             raise ValueError("under DeepSpeed only regularization='coupled' is supported (it goes into the loss).")
         loss = result[0] if return_outputs else result
-        params = [p for p in model.parameters() if id(p) in self._regularized_ids]
+        params = [p for p in model.parameters() if id(p) in self.schedule.regularized_ids]
         norm = sum(p.float().abs().sum() if self.args.method == "l1" else p.float().pow(2).sum() for p in params)
         # Trainer divides the loss by the accumulation steps unless the loss already is a share of the batch.
         scaled_for_ga = self.model_accepts_loss_kwargs and num_items_in_batch is not None
@@ -345,151 +296,23 @@ class PILoTTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._controller_judges_loss:
-            data_loss = loss.float() - getattr(self, "_penalty", 0.0)  # the controller judges the data loss only
-            self._interval_loss = data_loss if self._interval_loss is None else self._interval_loss + data_loss
+        if self.schedule.judges_loss:  # the controller judges the data loss only
+            self.schedule.add_loss(loss.float() - getattr(self, "_penalty", 0.0))
         return loss
 
-    @property
-    def _controller_judges_loss(self) -> bool:
-        return self.controller is not None and self.controller.schedule == "pilot" and not self.pruned
-
-    @property
-    def sparsify_steps(self) -> int:
-        return self.state.max_steps - self.args.recovery_steps
-
     def _on_train_begin(self) -> None:
-        if self.is_fsdp_enabled:  # FSDP2 replaced every parameter by a sharded one (in the optimizer too)
-            self._regularized_ids = {id(p) for n, p in self.model.named_parameters()
-                                     if _clean_name(n) in self.regularized}
-        if self.sparsify_steps < 1:
-            raise ValueError(f"recovery_steps={self.args.recovery_steps} leaves no sparsification steps out of "
-                             f"{self.state.max_steps}; lower recovery_steps or train longer.")
-        if self.controller is None:
-            a = self.args
-            self.controller = AlphaController(
-                schedule=a.alpha_schedule, alpha_init=a.alpha_init, alpha_final=a.alpha_final,
-                alpha_min=a.alpha_min, alpha_max=a.alpha_max, delta=a.delta, interval=a.alpha_update_interval,
-                l1_ratio_threshold=self.l1_ratio_threshold, loss_tolerance=a.loss_tolerance,
-                total_steps=self.sparsify_steps)
-        if self.pruned and not self.frozen:  # resumed inside the recovery phase
-            self._prune()
-        if self.args.keep_zeros and not self.frozen:  # the model's own zeros (a checkpoint has the same ones)
-            self.frozen = [(layer.weight, layer.weight != 0) for layer in self._targets().values()]
-        step = self.state.global_step
-        if self.args.method == "gmp" and not self.pruned and step > self.args.gmp_start_step:
-            # resumed inside the gradual phase: the last event's pattern (its zeros are in the weights) again
-            self._gmp_step(step - (step - self.args.gmp_start_step) % self.args.gmp_interval)
+        self.schedule.on_train_begin(self.state.max_steps, self.state.global_step)
 
     def _on_step_end(self) -> None:
-        step = self.state.global_step
-        if self.pruned:
-            return
-        if self._controller_judges_loss:
-            self._interval_steps += 1
-        if self.controller.schedule != "pilot":
-            self.controller.step_end(step)
-        elif step % self.controller.interval == 0:
-            loss = self._interval_loss / self._interval_steps
-            mean_loss = float(self.accelerator.reduce(loss.detach().reshape(1), reduction="mean").item())
-            self.controller.step_end(step, mean_loss, self._l1_ratio())
-            self._broadcast_controller()
-            self._interval_loss, self._interval_steps = None, 0
-        if self.args.method == "gmp":
-            self._gmp_step(step)
-        if self.args.recovery_steps and step >= self.sparsify_steps:
-            self._prune()
+        self.schedule.on_step_end(self.state.global_step)
 
-    def _gmp_sparsity(self, step: int) -> float:
-        """Zhu & Gupta's cubic schedule (docs/METHOD.md section 10): s_i at gmp_start_step, the target at the end
-        of the sparsification phase, s_t = s_f + (s_i − s_f)(1 − progress)³."""
-        a = self.args
-        progress = min(max((step - a.gmp_start_step) / max(self.sparsify_steps - a.gmp_start_step, 1), 0.0), 1.0)
-        return a.sparsity + (a.gmp_initial_sparsity - a.sparsity) * (1 - progress) ** 3
-
-    @torch.no_grad()
-    def _gmp_step(self, step: int) -> None:
-        """At each pruning event, prune by magnitude to s_t; pruned weights stay 0 until the next event (and,
-        being 0, are pruned again then). The last event before recovery (or the end) prunes to the target."""
-        a = self.args
-        if step < a.gmp_start_step or (step - a.gmp_start_step) % a.gmp_interval or step >= self.sparsify_steps:
-            return
-        sparsity = self._gmp_sparsity(step)
-        if sparsity > 0:
-            keep = magnitude_prune(self.model, sparsity, a.sparsity_pattern, self.pilot_config)
-            targets = find_target_layers(self.model, self.pilot_config)
-            self.frozen = [(targets[n].weight, keep[n]) for n in keep]
-
-    def _broadcast_controller(self) -> None:
-        # Every process computed the same reduced inputs; still, take rank 0's state so decisions never diverge.
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            state = [self.controller.state_dict()]
-            broadcast_object_list(state, from_process=0)
-            self.controller = AlphaController.from_state_dict(state[0])
-
-    @torch.no_grad()
-    def _l1_ratio(self) -> float:
-        l1 = sum(local_tensor(effective_weight(m)).abs().float().sum() for m in self._targets().values())
-        if self.is_fsdp_enabled:  # parameters are sharded: add up the shards
-            l1 = self.accelerator.reduce(l1.reshape(1), reduction="sum")
-        return float(l1) / max(self.l1_init, 1e-30)
-
-    @torch.no_grad()
     def _prune(self) -> None:
-        """Prune to the target now; with recovery left, keep the pattern frozen for the remaining steps."""
-        a = self.args
-        if a.reparameterized:
-            keep = prune_model(self.model, a.sparsity, a.sparsity_pattern)
-            layers = masked_layers(self.model)
-            self.frozen = [(p, keep[n]) for n, m in layers.items() for p in (m.mask, m.weight)]
-        else:
-            keep = magnitude_prune(self.model, a.sparsity, a.sparsity_pattern, self.pilot_config)
-            targets = find_target_layers(self.model, self.pilot_config)
-            self.frozen = [(targets[n].weight, keep[n]) for n in keep]
-        self.pruned = True
+        self.schedule.prune()
 
-    @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """alpha, balance = mean(m² − w²)/β (1 at start, → 0 in the L1 regime), l1_ratio, prune_damage (relative
-        L2 norm that pruning to the target would remove now) and sparsity (exact zeros of the effective weights).
-        Under FSDP2 every process must call it (Trainer's `log` does): shards are summed, prune_damage gathers."""
-        targets = self._targets()
-        out = {"alpha": self.alpha, "l1_ratio": self._l1_ratio()}
-        numel = sum(m.weight.numel() for m in targets.values())  # a DTensor's numel is the full tensor's
-        # This process's sums (its shards under FSDP2), added up over the processes there.
-        diff = sum(float((local_tensor(m.mask).float() ** 2 - local_tensor(m.weight).float() ** 2).sum())
-                   for m in targets.values()) if self.args.reparameterized else 0.0
-        zeros = sum(int((local_tensor(effective_weight(m)) == 0).sum()) for m in targets.values())
-        if self.is_fsdp_enabled:
-            diff, zeros = self.accelerator.reduce(torch.tensor([diff, zeros], dtype=torch.float64,
-                                                               device=self.args.device), reduction="sum").tolist()
-        if self.args.reparameterized:
-            beta = self.pilot_config.beta
-            out["balance"] = diff / numel / (beta if beta > 0 else 1.0)
-        out["sparsity"] = zeros / numel
-        if self.args.prunes:
-            out["prune_damage"] = self._prune_damage(targets)
-        return out
-
-    def _prune_damage(self, targets: dict[str, nn.Module]) -> float:
-        """Relative L2 norm that pruning to the target would remove now; per-layer patterns go one (gathered)
-        layer at a time, 'global' needs every layer's scores at once."""
-        def full(layer):
-            return out_in_layout(full_tensor(effective_weight(layer)).float(), layer)
-
-        a = self.args
-        if SparsityPattern.parse(a.sparsity_pattern).kind == "global":
-            groups = [{n: full(m) for n, m in targets.items()}]
-        else:
-            groups = ({n: full(m)} for n, m in targets.items())
-        removed = total = 0.0
-        for effective in groups:
-            keep = keep_masks({n: x.abs() for n, x in effective.items()}, a.sparsity, a.sparsity_pattern)
-            removed += sum(float((x[~keep[n]] ** 2).sum()) for n, x in effective.items())
-            total += sum(float((x ** 2).sum()) for x in effective.values())
-        return (removed / max(total, 1e-30)) ** 0.5
+        """alpha, balance, l1_ratio, prune_damage and sparsity (`SparsitySchedule.diagnostics`). Under FSDP2
+        every process must call it (Trainer's `log` does): shards are summed, prune_damage gathers."""
+        return self.schedule.diagnostics()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.controller is not None:
@@ -502,10 +325,7 @@ class PILoTTrainer(Trainer):
     # ----- checkpoints --------------------------------------------------------------------------------
 
     def _pilot_state(self) -> dict:
-        loss = None if self._interval_loss is None else float(self._interval_loss)
-        return {"settings": self.args.run_settings(), "controller": self.controller.state_dict(),
-                "l1_init": self.l1_init, "l1_ratio_threshold": self.l1_ratio_threshold, "pruned": self.pruned,
-                "interval_loss": loss, "interval_steps": self._interval_steps}
+        return {"settings": self.args.run_settings(), **self.schedule.state_dict()}
 
     def _save_pilot_state(self) -> None:
         if not self.args.should_save or self.controller is None:
@@ -528,17 +348,13 @@ class PILoTTrainer(Trainer):
         with open(path) as f:
             state = json.load(f)
         current = json.loads(json.dumps(self.args.run_settings()))
-        diff = {k: (v, current.get(k)) for k, v in state["settings"].items() if current.get(k) != v}
+        saved = state["settings"]  # a setting recorded on one side only (HAM's, when on) differs too
+        diff = {k: (saved.get(k), current.get(k)) for k in {**saved, **current} if current.get(k) != saved.get(k)}
         if diff:
             lines = "; ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
             raise ValueError(f"cannot resume {checkpoint} with other PILoT settings ({lines}). Resume with the "
                              "checkpoint's settings, or start a new run in another output_dir.")
-        self.controller = AlphaController.from_state_dict(state["controller"])
-        self.l1_init, self.l1_ratio_threshold = state["l1_init"], state["l1_ratio_threshold"]
-        self.pruned, self.frozen = state["pruned"], []
-        loss = state["interval_loss"]
-        self._interval_loss = None if loss is None else torch.tensor(loss, device=self.args.device)
-        self._interval_steps = state["interval_steps"]
+        self.schedule.load_state_dict(state)
 
     # ----- the run ------------------------------------------------------------------------------------
 
@@ -567,7 +383,7 @@ class PILoTTrainer(Trainer):
         """Prune to the target (unless recovery already did), merge mask ⊙ weight and unwrap."""
         if self.args.prunes and not self.pruned:
             self._prune()
-        self.frozen = []
+        self.schedule.frozen = []
         self.teacher = None  # its memory is the student's again
         if self.is_fsdp_enabled and not self.gathered:
             self.model = self.model_wrapped = _gather_plain_model(self.model, self.args.device)

@@ -25,7 +25,8 @@ TENSORWISE_OPTIMS = ("adamw_torch", "adamw_torch_fused")  # the optimizers Tenso
 TEACHER_DTYPES = (None, "float32", "bfloat16", "float16")
 
 # The run settings record: everything that defines a trained result. Resuming a checkpoint made with other
-# values is refused; the model card, run_config.json and the sweep's cells record exactly these.
+# values is refused; the model card, run_config.json and the sweep's cells record exactly these. HAM's settings
+# (HAM_SETTINGS) join it when ham is on, so records of runs without HAM read as before.
 RUN_SETTINGS = (
     "method", "warm_start", "num_calibration_samples", "sparsity", "sparsity_pattern",
     "alpha_init", "alpha_schedule", "alpha_final", "alpha_min", "alpha_max", "delta", "alpha_update_interval",
@@ -38,6 +39,7 @@ RUN_SETTINGS = (
     "learning_rate", "weight_decay", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lr_scheduler_type", "warmup_steps", "optim", "max_grad_norm", "seed", "bf16",
 )
+HAM_SETTINGS = ("ham", "ham_alpha", "ham_beta")
 
 
 @dataclass
@@ -132,6 +134,21 @@ class PILoTTrainingArguments(TrainingArguments):
         default=0.0, metadata={"help": "method=gmp: the schedule's starting sparsity s_i; it reaches the target "
                                "with a cubic curve at the end of the sparsification phase (max_steps − "
                                "recovery_steps)."})
+    ham: bool = field(
+        default=False,
+        metadata={"help": "HAM (Hyperbolic Aware Minimization, Jacobs et al. ICLR 2026): after every optimizer step, "
+                  "scale each target weight by exp(clamp(−lr·(ham_alpha·sign(w)·g/RMS(g) + ham_beta), −5, 5)), g its "
+                  "gradient, RMS over the tensor (docs/METHOD.md section 11). Multiplicative: zeros stay zeros. For "
+                  "pilot/spred the product mask ⊙ weight is scaled (through the weight). Any trained method."})
+    ham_alpha: float = field(
+        default=1.0,
+        metadata={"help": "HAM's gradient term, in learning-rate units: 1 scales an entry whose gradient has the "
+                  "tensor's RMS size by exp(±lr) per step (Adam moves it by about lr, so HAM's step is ham_alpha·|w| "
+                  "times Adam's). Default chosen on validation text (docs/METHOD.md section 11)."})
+    ham_beta: float = field(
+        default=0.0,
+        metadata={"help": "HAM's shrinkage: every target weight is scaled by exp(−lr·ham_beta) per step (a "
+                  "multiplicative weight decay; the authors' β=1e-3 at lr 0.1 is ham_beta=1 at lr 1e-4)."})
     beta: float = field(default=1.0, metadata={"help": "PILoT init scale β > 0 (mask0² − weight0² = β)."})
     init: str | None = field(default=None, metadata={"help": "pilot or spred; default by method."})
     target_modules: list[str] | None = field(
@@ -227,6 +244,10 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError("a teacher is only used for distillation: set distill_logit_weight or "
                              "distill_feature_weight > 0, or drop teacher_model_name_or_path/teacher_dtype.")
 
+        for name in ("ham_alpha", "ham_beta"):
+            value = getattr(self, name)
+            if not (value >= 0 and value < float("inf")):
+                raise ValueError(f"{name}={value!r}: must be a finite number ≥ 0.")
         _positive = {"alpha_max": self.alpha_max, "delta": self.delta, "beta": self.beta}
         for name, value in _positive.items():
             if not (value > 0 and value < float("inf")):
@@ -331,8 +352,9 @@ class PILoTTrainingArguments(TrainingArguments):
                            init=self.init or "pilot")
 
     def run_settings(self) -> dict:
-        """The run settings record (RUN_SETTINGS), as plain JSON values."""
-        return {name: _plain(getattr(self, name)) for name in RUN_SETTINGS}
+        """The run settings record (RUN_SETTINGS, and HAM_SETTINGS when ham is on), as plain JSON values."""
+        names = RUN_SETTINGS + (HAM_SETTINGS if self.ham else ())
+        return {name: _plain(getattr(self, name)) for name in names}
 
 
 def _plain(value):

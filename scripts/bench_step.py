@@ -8,13 +8,16 @@ variant listed. Each variant runs in its own process so its peak resident memory
     python scripts/bench_step.py --plain-autograd     # also PILoT with plain autograd (keeps mask ⊙ weight)
     python scripts/bench_step.py --variants pilot pilot-kd-logit pilot-kd      # cost of distillation
     python scripts/bench_step.py --variants finetune lora                      # sparse fine-tuning: full vs LoRA
+    python scripts/bench_step.py --model smollm2 --variants finetune finetune-ham   # the cost of HAM
 
 Variants: dense (transformers.Trainer), pilot (PILoTTrainer), pilot-plain (`MaskedLinear.recompute_product
 = False`: the autograd graph keeps mask ⊙ weight of every layer from forward to backward), pilot-kd-logit
 (+ logit distillation from the dense model), pilot-kd (+ logit and SquareHead feature distillation),
 pilot-kd-pure (logit and SquareHead with LM loss weight 0: the recommended recipe, docs/BENCHMARKS.md section 8),
-finetune (full fine-tuning of a 50% magnitude-pruned copy, zeros kept: `keep_zeros`) and lora (PEFT LoRA,
-r = 16, on every target layer of the same pruned copy, base frozen: `pilot-hf finetune --lora`).
+finetune (full fine-tuning of a 50% magnitude-pruned copy, zeros kept: `keep_zeros`), lora (PEFT LoRA,
+r = 16, on every target layer of the same pruned copy, base frozen: `pilot-hf finetune --lora`) and gmp
+(gradual magnitude pruning to 50%, an event every 2 steps). A `-ham` suffix adds HAM's step after every
+optimizer step (`ham=True`, docs/METHOD.md section 11): finetune-ham, gmp-ham, pilot-ham.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import time
 
 SMOLLM2 = ("smollm2", "smollm2-135m")  # the real SmolLM2-135M-Instruct (pilot_hf.assets.load_demo_model)
 VARIANTS = {"dense": "dense", "pilot": "PILoT", "pilot-plain": "PILoT plain", "pilot-kd-logit": "PILoT+KD logit",
-            "pilot-kd": "PILoT+KD", "pilot-kd-pure": "PILoT+KD pure", "finetune": "full FT", "lora": "LoRA"}
+            "pilot-kd": "PILoT+KD", "pilot-kd-pure": "PILoT+KD pure", "finetune": "full FT", "lora": "LoRA",
+            "gmp": "GMP", "finetune-ham": "full FT+HAM", "gmp-ham": "GMP+HAM", "pilot-ham": "PILoT+HAM"}
 
 
 def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
@@ -41,6 +45,8 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     from pilot_hf.assets import load_demo_model
 
     rss_libs = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # interpreter + libraries, before the model
+    ham = variant.endswith("-ham")
+    variant = variant.removesuffix("-ham")
     torch.manual_seed(0)
     MaskedLinear.recompute_product = variant != "pilot-plain"
     if model_spec in SMOLLM2:
@@ -60,13 +66,15 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
                   learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                   disable_tqdm=True, dataloader_num_workers=0)
     times: list[float] = []
+    cpu_times: list[float] = []  # this process's CPU time: less sensitive than wall time to busy neighbours
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
+            cpu_times.append(time.process_time() - self.cpu)
 
     if variant in ("finetune", "lora"):  # an already sparse model: 50% by magnitude, per layer
         from pilot_hf import magnitude_prune
@@ -80,19 +88,22 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
         peft_model = prepare_sparse_lora(model, sparse_lora_config(model, r=16, lora_alpha=32))
         trainer = Trainer(model=peft_model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
     elif variant == "finetune":
-        args = PILoTTrainingArguments(**common, method="finetune", sparsity=0.0, keep_zeros=True)
+        args = PILoTTrainingArguments(**common, method="finetune", sparsity=0.0, keep_zeros=True, ham=ham)
+        trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
+    elif variant == "gmp":
+        args = PILoTTrainingArguments(**common, method="gmp", sparsity=0.5, gmp_interval=2, ham=ham)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     else:
         kd = {"pilot-kd-logit": dict(distill_logit_weight=1.0),
               "pilot-kd": dict(distill_logit_weight=1.0, distill_feature_weight=1.0),
               "pilot-kd-pure": dict(distill_logit_weight=1.0, distill_feature_weight=1.0, lm_loss_weight=0.0),
               }.get(variant, {})
-        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, **kd)
+        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, ham=ham, **kd)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     trainer.train()
-    step_s = sorted(times[warmup:])[len(times[warmup:]) // 2]  # median: robust to a noisy neighbour
-    return {"variant": variant, "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
-            "step_s": step_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    step_s = statistics.median(times[warmup:])  # median: robust to a noisy neighbour
+    return {"variant": variant + ("-ham" if ham else ""), "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
+            "step_s": step_s, "step_cpu_s": statistics.median(cpu_times[warmup:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "libs_rss_mb": rss_libs / 1024}
 
 
@@ -122,6 +133,7 @@ def main() -> None:
     print(f"ratios are against {VARIANTS[base]}; the variants are described in this script's docstring")
     names = [VARIANTS[v] for v in variants]
     cols = ([f"{n} step s" for n in names] + [f"{n} time ratio" for n in names[1:]]
+            + [f"{n} CPU time ratio" for n in names[1:]]
             + [f"{n} peak MB" for n in names] + [f"{n} memory ratio" for n in names[1:]])
     print("| model | params | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
@@ -135,12 +147,14 @@ def main() -> None:
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 res[variant].append(json.loads(out.strip().splitlines()[-1]))
         step = {v: statistics.median(r["step_s"] for r in runs) for v, runs in res.items()}
+        cpu = {v: statistics.median(r["step_cpu_s"] for r in runs) for v, runs in res.items()}
         peak = {v: statistics.median(r["peak_rss_mb"] - r["libs_rss_mb"] for r in runs) for v, runs in res.items()}
         spreads.append(f"{spec}: " + ", ".join(
             f"{v} step s {min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}, "
             f"peak MB {min(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}-"
             f"{max(r['peak_rss_mb'] - r['libs_rss_mb'] for r in runs):.0f}" for v, runs in res.items()))
         cells = ([f"{step[v]:.3f}" for v in variants] + [f"{step[v] / step[base]:.3f}" for v in variants[1:]]
+                 + [f"{cpu[v] / cpu[base]:.3f}" for v in variants[1:]]
                  + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak[base]:.3f}" for v in variants[1:]])
         print(f"| {spec} | {res[base][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
     if a.repeats > 1:

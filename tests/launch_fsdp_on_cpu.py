@@ -19,11 +19,12 @@ from accelerate import state
 from accelerate.utils import DistributedType
 
 from pilot_hf.pruning import is_sharded, local_tensor
+from pilot_hf.schedule import SparsitySchedule
 from pilot_hf.trainer import PILoTTrainer
 from pilot_hf.wrapping import masked_layers
 
 _state_init = state.AcceleratorState.__init__
-_train_begin, _prune = PILoTTrainer._on_train_begin, PILoTTrainer._prune
+_train_begin, _step_end = PILoTTrainer._on_train_begin, SparsitySchedule.on_step_end
 
 
 def _state_init_keeping_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
@@ -44,17 +45,18 @@ def _train_begin_reporting(trainer):
           f"full={tuple(layer.mask.shape)}", flush=True)
 
 
-def _prune_reporting(trainer):
-    _prune(trainer)
-    if trainer.frozen:  # recovery follows: these keep-masks are re-applied after every optimizer step
-        keep = trainer.frozen[0][1]
-        print(f"[fsdp-on-cpu] rank {trainer.args.process_index}: step {trainer.state.global_step} keep-masks "
-              f"sharded={all(is_sharded(k) for _, k in trainer.frozen)} first local={tuple(local_tensor(keep).shape)}",
+def _step_end_reporting(schedule, step):
+    pruned = schedule.pruned
+    _step_end(schedule, step)
+    if schedule.pruned and not pruned:  # recovery follows: these keep-masks are re-applied after every step
+        keep = schedule.frozen[0][1]
+        print(f"[fsdp-on-cpu] rank {schedule.args.process_index}: step {step} keep-masks "
+              f"sharded={all(is_sharded(k) for _, k in schedule.frozen)} first local={tuple(local_tensor(keep).shape)}",
               flush=True)
 
 
 state.AcceleratorState.__init__ = _state_init_keeping_fsdp_on_cpu
-PILoTTrainer._on_train_begin, PILoTTrainer._prune = _train_begin_reporting, _prune_reporting
+PILoTTrainer._on_train_begin, SparsitySchedule.on_step_end = _train_begin_reporting, _step_end_reporting
 
 if __name__ == "__main__":
     script = Path(__file__).resolve().parents[1] / "scripts" / "compress.py"

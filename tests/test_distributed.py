@@ -1,7 +1,8 @@
 """Multi-process runs, executed: DDP and FSDP2 over two CPU processes (gloo), each against one process.
 
 Slow tests (`scripts/test.sh -m slow tests/test_distributed.py`, the second command of .ci/run): a tiny Llama
-with tied embeddings (like SmolLM2), PILoT with recovery, distillation off and on. One process trains on 8
+with tied embeddings (like SmolLM2), PILoT with recovery: plain, with distillation, and with HAM (whose
+per-tensor gradient RMS must be summed over FSDP2's shards). One process trains on 8
 blocks per step, two processes on 4 each; 8 training blocks make one global batch per step, so both see the
 same samples at every step whatever the sampler's order. The α history, the exact sparsity and the merged
 weights must then match (allclose: only the summation order of the reductions differs), and the result must
@@ -34,7 +35,7 @@ LAUNCHERS = {  # name -> (Accelerate config, script)
     "ddp": (CONFIGS / "cpu_2proc.yaml", REPO / "scripts" / "compress.py"),
     "fsdp": (CONFIGS / "cpu_fsdp_2proc.yaml", REPO / "tests" / "launch_fsdp_on_cpu.py"),
 }
-DISTILLATION = {"off": [], "logit": ["--distill_logit_weight", 1.0]}
+VARIANTS = {"off": [], "logit": ["--distill_logit_weight", 1.0], "ham": ["--ham", "--ham_alpha", 10.0]}
 DIAGNOSTICS = ("loss", "alpha", "l1_ratio", "balance", "sparsity", "prune_damage")
 MAX_STEPS, RECOVERY_STEPS = 24, 6
 
@@ -68,16 +69,15 @@ def logged(done: subprocess.CompletedProcess) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def one_process(assets, tmp_path_factory):
-    """The one-process reference run for each distillation setting, made once."""
+    """The one-process reference run for each variant, made once."""
     cache = {}
 
-    def get(distillation: str):
-        if distillation not in cache:
+    def get(variant: str):
+        if variant not in cache:
             out = tmp_path_factory.mktemp("one") / "result"
-            done = run([sys.executable, "-m", "pilot_hf", "compress",
-                        *flags(assets, out, 8, *DISTILLATION[distillation])])
-            cache[distillation] = (out, done)
-        return cache[distillation]
+            done = run([sys.executable, "-m", "pilot_hf", "compress", *flags(assets, out, 8, *VARIANTS[variant])])
+            cache[variant] = (out, done)
+        return cache[variant]
     return get
 
 
@@ -153,19 +153,21 @@ def assert_sharded(done: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distillation", sorted(DISTILLATION))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_processes_match_one(assets, one_process, tmp_path, launcher, distillation):
-    one, done_one = one_process(distillation)
+def test_two_processes_match_one(assets, one_process, tmp_path, launcher, variant):
+    one, done_one = one_process(variant)
     many = tmp_path / "result"
-    done = launch(launcher, assets, many, *DISTILLATION[distillation])
+    done = launch(launcher, assets, many, *VARIANTS[variant])
     assert done.stdout.count("saved to:") == 1  # the summary (and every file) comes from the main process only
     if launcher == "fsdp":
         assert_sharded(done)
     else:
         assert "[fsdp-on-cpu]" not in done.stdout
-    if distillation != "off":
+    if variant == "logit":
         assert "'logit_loss'" in done.stdout + done.stderr
+    m1, m2 = (json.loads((d / "run_config.json").read_text())["settings"] for d in (one, many))
+    assert m1.get("ham") == m2.get("ham") == (variant == "ham" or None)
     assert_same_run(one, done_one, many, done)
 
 

@@ -37,7 +37,7 @@ REPO = PACKAGE.parent
 # First path component under pilot_hf -> level. Packages (oneshot, commands) take their modules with them.
 LEVELS = {
     # L0 core
-    "config": 0, "layers": 0, "pruning": 0, "methods": 0, "regularization": 0, "optim": 0, "assets": 0,
+    "config": 0, "layers": 0, "pruning": 0, "methods": 0, "regularization": 0, "optim": 0, "assets": 0, "ham": 0,
     # L1
     "wrapping": 1, "data": 1, "evaluation": 1, "distillation": 1, "harness": 1,
     "metrics": 1,  # the `evaluate` metric script (metrics/perplexity/perplexity.py) wraps evaluation.perplexity
@@ -45,7 +45,7 @@ LEVELS = {
     "oneshot": 2, "serialization": 2, "hub": 2, "loading": 2, "lora": 2,
     "_transformers_sparse": 2,  # serialization's Transformers plug-in: it imports serialization's format code
     # L3
-    "training_args": 3, "trainer": 3,
+    "training_args": 3, "schedule": 3, "trainer": 3,
     # L4
     "runs": 4, "sweep": 4,
     # L5: the command line
