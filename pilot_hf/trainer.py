@@ -35,6 +35,7 @@ from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
 from .pruning import SparsityPattern, apply_keep_mask, full_tensor, keep_masks, local_tensor
 from .regularization import AlphaController
+from .runs import CHECKPOINT_FILES, PILOT_STATE_NAME, latest_checkpoint  # noqa: F401 (re-exported)
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
     effective_weight,
@@ -49,10 +50,6 @@ from .wrapping import (
     wrap_model,
 )
 
-PILOT_STATE_NAME = "pilot_state.json"
-# A complete PILoTTrainer checkpoint holds these (pilot_state.json is written last, atomically).
-CHECKPOINT_FILES = ("trainer_state.json", PILOT_STATE_NAME)
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Prefixes that DDP, FSDP and activation checkpointing add to parameter names.
 _WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -63,20 +60,6 @@ def _clean_name(name: str) -> str:
         if cleaned == name:
             return name
         name = cleaned
-
-
-def latest_checkpoint(folder: str | os.PathLike | None) -> str | None:
-    """The complete checkpoint with the highest step in `folder` (by number: checkpoint-12 comes after
-    checkpoint-8), skipping checkpoints whose save was interrupted."""
-    if folder is None or not os.path.isdir(folder):
-        return None
-    complete = []
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        match = _CHECKPOINT.match(name)
-        if match and all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):
-            complete.append((int(match.group(1)), path))
-    return max(complete)[1] if complete else None
 
 
 class PILoTTrainer(Trainer):
