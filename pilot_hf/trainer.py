@@ -28,9 +28,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import PILoTConfig
-from .data import calibration_blocks
+from .data import calibration_blocks, check_same_data, data_fingerprint
 from .distillation import Teacher, distillation_loss, lm_loss_value
 from .hub import CardInfo, card_info_for_run, write_model_card
+from .loading import check_same_vocabulary
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
 from .pruning import SparsityPattern, apply_keep_mask, full_tensor, keep_masks, local_tensor
@@ -86,6 +87,8 @@ class PILoTTrainer(Trainer):
         self.pilot_config = user_config or args.pilot_config()
         self.check_pattern(model, args, self.pilot_config)
         _check_fsdp_loading()
+        if args.distills and args.teacher_model_name_or_path:  # equal vocabulary sizes are not the same vocabulary
+            check_same_vocabulary(kwargs.get("processing_class"), args.teacher_model_name_or_path)
         self.teacher = _teacher(model, args) if args.distills else None  # the model as given: before warm start
         if args.warm_start:
             if is_wrapped(model):
@@ -488,7 +491,8 @@ class PILoTTrainer(Trainer):
         loss = None if self._interval_loss is None else float(self._interval_loss)
         return {"settings": self.args.run_settings(), "controller": self.controller.state_dict(),
                 "l1_init": self.l1_init, "l1_ratio_threshold": self.l1_ratio_threshold, "pruned": self.pruned,
-                "interval_loss": loss, "interval_steps": self._interval_steps}
+                "interval_loss": loss, "interval_steps": self._interval_steps,
+                "data": data_fingerprint(self.train_dataset)}  # resume refuses other data
 
     def _save_pilot_state(self) -> None:
         if not self.args.should_save or self.controller is None:
@@ -516,6 +520,7 @@ class PILoTTrainer(Trainer):
             lines = "; ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
             raise ValueError(f"cannot resume {checkpoint} with other PILoT settings ({lines}). Resume with the "
                              "checkpoint's settings, or start a new run in another output_dir.")
+        check_same_data(checkpoint, state.get("data"), data_fingerprint(self.train_dataset))
         self.controller = AlphaController.from_state_dict(state["controller"])
         self.l1_init, self.l1_ratio_threshold = state["l1_init"], state["l1_ratio_threshold"]
         self.pruned, self.frozen = state["pruned"], []
