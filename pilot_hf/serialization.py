@@ -1,7 +1,7 @@
 """Compressed sparse checkpoints: a packed bitmask and the non-zero values per sparse weight, in safetensors.
 
 Dense safetensors (`model.save_pretrained`) stays the default everywhere; this module is the opt-in
-smaller format for pruned models. Format version 2, for a checkpoint weight `K` (a key ending in
+smaller format for pruned models. Format version 3, for a checkpoint weight `K` (a key ending in
 `.weight`) of shape S, dtype D and n = prod(S) entries, of which nnz are numerically non-zero:
 
     K_bitmask     uint8[ceil(n / 8)]          bit i = 1 <=> entry i (row-major) is != 0; bit order
@@ -358,7 +358,7 @@ def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.Pat
                       shapes: dict[str, tuple] | None = None) -> dict[str, Any]:
     """Check every compressed weight of a checkpoint without expanding it: all parts present, bitmask
     lengths, padding bits, value counts == popcounts, zero-sign lengths, exactly the weights listed in
-    config.json, and (format version 2) a digest for each of them. Raises CorruptCheckpointError (a
+    config.json, and (format version 2 and later) a digest for each of them. Raises CorruptCheckpointError (a
     ValueError) naming the tensor and file. `config` is the `quantization_config` (default: the folder's
     config.json); `files` defaults to the folder's weight files. Logs a warning for a version-1
     checkpoint, which has no digests.

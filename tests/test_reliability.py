@@ -436,3 +436,18 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_dir, tmp_path, capsys):
     assert f"the teacher ({teacher}) uses another vocabulary than the model's tokenizer" in line
     byte_tokenizer().save_pretrained(teacher)  # the same tokenizer: accepted
     pilot_hf.loading.check_same_vocabulary(byte_tokenizer(), str(teacher))
+
+
+def test_pilot_hf_loaders_refuse_compressed_parts_without_their_config(pruned_dense, tmp_path):
+    """`pilot-hf evaluate` scored such a folder as a model with random layers (perplexity 104 instead of 62)."""
+    _, dense = pruned_dense
+    packed = tmp_path / "packed"
+    S.compress_checkpoint(dense, packed)
+    config = json.loads((packed / "config.json").read_text())
+    del config["quantization_config"], config[S.TRANSFORMERS_WEIGHTS]
+    (packed / "config.json").write_text(json.dumps(config))
+    message = "no pilot_sparse quantization_config that describes them"
+    for load in (S.load_compressed, S.load_compressed_state_dict, S.check_weight_files,
+                 lambda p: pilot_hf.loading.load_model(pilot_hf.loading.ModelArguments(model_name_or_path=str(p)))):
+        with pytest.raises(ValueError, match=message):
+            load(packed)
