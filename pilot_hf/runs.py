@@ -39,6 +39,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".pilot-hf"  # in every folder pilot-hf writes; only such folders may be replaced
+# In a checkpoint folder pilot-hf uses: its checkpoint-* are pilot-hf's. Not MARKER_NAME, which would let
+# --overwrite_output_dir replace that folder (a user may have given a folder holding other files).
+CHECKPOINTS_MARKER_NAME = ".pilot-hf-checkpoints"
 PILOT_STATE_NAME = "pilot_state.json"
 # A complete PILoTTrainer checkpoint holds these (pilot_state.json is written last, atomically).
 CHECKPOINT_FILES = ("trainer_state.json", PILOT_STATE_NAME)
@@ -171,9 +174,10 @@ def latest_checkpoint(folder: str | os.PathLike | None) -> str | None:
 
 
 def foreign_checkpoints(folder: Path) -> list[str]:
-    """The `checkpoint-*` entries of `folder` that pilot-hf did not write. A folder with the marker is pilot-hf's;
-    one without it (written before the marker existed) counts a checkpoint as pilot-hf's if it has pilot_state.json."""
-    if not folder.is_dir() or is_pilot_folder(folder):
+    """The `checkpoint-*` entries of `folder` that pilot-hf did not write. A folder with the checkpoints marker is
+    pilot-hf's; one without it (written before the marker existed) counts a checkpoint as pilot-hf's if it has
+    pilot_state.json."""
+    if not folder.is_dir() or (folder / CHECKPOINTS_MARKER_NAME).is_file():
         return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")
                   and not (p / PILOT_STATE_NAME).is_file())
@@ -356,10 +360,11 @@ class OutputFolder:
             self.staging.mkdir(parents=True)
             write_json(self.staging / MARKER_NAME, {"written_by": "pilot-hf", "pid": os.getpid(),
                                                     "time": time.time()})
-            if self.checkpoint_dir is not None and not is_pilot_folder(self.checkpoint_dir):
+            marker = self.checkpoint_dir / CHECKPOINTS_MARKER_NAME if self.checkpoint_dir is not None else None
+            if marker is not None and not marker.is_file():
                 self._made_checkpoint_dir = not self.checkpoint_dir.exists()
                 self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                write_json(self.checkpoint_dir / MARKER_NAME, {"written_by": "pilot-hf"})
+                write_json(marker, {"written_by": "pilot-hf", "what": "its checkpoint-* folders are pilot-hf's"})
         except BaseException:
             self._lock.__exit__()
             raise
@@ -389,7 +394,8 @@ class OutputFolder:
     def _drop_unused_checkpoint_dir(self) -> None:
         """A checkpoint folder this run made and wrote no checkpoint into is removed (it holds only the marker)."""
         folder = self.checkpoint_dir
-        if self._made_checkpoint_dir and folder.is_dir() and [p.name for p in folder.iterdir()] == [MARKER_NAME]:
+        if self._made_checkpoint_dir and folder.is_dir() and \
+                [p.name for p in folder.iterdir()] == [CHECKPOINTS_MARKER_NAME]:
             shutil.rmtree(folder, ignore_errors=True)
 
     def holds_model(self) -> bool:

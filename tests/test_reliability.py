@@ -269,7 +269,7 @@ def test_foreign_checkpoints_are_left_untouched(tiny_dir, tmp_path, capsys):  # 
     code = main(["compress", *_flags(tiny_dir, tmp_path / "o", "--checkpoint_dir", mine, "--save_steps", 2,
                                      "--save_total_limit", 1, save_strategy="steps")])
     assert code == 2 and "which pilot-hf did not write" in capsys.readouterr().err
-    assert digest(mine) == before and not (mine / MARKER_NAME).exists()
+    assert digest(mine) == before and not (mine / runs.CHECKPOINTS_MARKER_NAME).exists()
 
 
 def test_checkpoint_rotation_in_a_folder_of_its_own(tiny_dir, tmp_path, capsys):  # noqa: F811
@@ -277,7 +277,7 @@ def test_checkpoint_rotation_in_a_folder_of_its_own(tiny_dir, tmp_path, capsys):
     code = main(["compress", *_flags(tiny_dir, tmp_path / "o", "--save_steps", 2, "--save_total_limit", 1,
                                      "--skip_dense_eval", save_strategy="steps")])
     assert code == 0, capsys.readouterr().err[-3000:]
-    assert sorted(p.name for p in checkpoints.iterdir()) == [MARKER_NAME, "checkpoint-6"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [runs.CHECKPOINTS_MARKER_NAME, "checkpoint-6"]
     state = json.loads((checkpoints / "checkpoint-6" / "pilot_state.json").read_text())
     assert state["data"]["block_size"] == 32 and len(state["data"]["tokens_sha256"]) == 64  # the data it saw
 
@@ -289,7 +289,9 @@ def test_checkpoint_ownership(tmp_path):
     assert runs.foreign_checkpoints(legacy) == []
     (legacy / "checkpoint-4").mkdir()
     assert runs.foreign_checkpoints(legacy) == ["checkpoint-4"]
-    (legacy / MARKER_NAME).write_text("{}")
+    (legacy / MARKER_NAME).write_text("{}")  # an output folder's marker says nothing about checkpoints
+    assert runs.foreign_checkpoints(legacy) == ["checkpoint-4"]
+    (legacy / runs.CHECKPOINTS_MARKER_NAME).write_text("{}")
     assert runs.foreign_checkpoints(legacy) == []
 
 
