@@ -245,8 +245,7 @@ def check_digest(name: str, dense: torch.Tensor, digests: dict[str, str] | None,
     if actual != expected:
         raise CorruptCheckpointError(
             f"{name}: the expanded weight (shape {list(dense.shape)}) does not match its sha256 digest in config.json "
-            f"(expected "
-            f"{expected[:16]}..., got {actual[:16]}...): the checkpoint file is corrupt. Re-download it, or "
+            f"(expected {expected[:16]}..., got {actual[:16]}...): the checkpoint file is corrupt. Re-download it, or "
             "re-write it from the dense model (save_compressed / compress_checkpoint).")
 
 
