@@ -21,7 +21,9 @@ from .serialization import (
     BIT_ORDER,
     FORMAT_NAME,
     FORMAT_VERSION,
+    LOADER_GUARD,
     PART_SUFFIXES,
+    TRANSFORMERS_WEIGHTS,
     CorruptCheckpointError,
     check_digest,
     decompress_tensor,
@@ -105,9 +107,17 @@ class PilotSparseHfQuantizer(HfQuantizer):
                              "load the dense model and call pilot_hf.serialization.save_compressed(model, dir).")
         self._digest_log = _DigestLog()  # a quantizer serves one from_pretrained call
 
+    def update_attn_implementation(self, config):
+        # Called with the model config after this quantizer was chosen and before the weight files are looked up:
+        # the guard that stops Transformers without pilot_hf (serialization.LOADER_GUARD) is no file to load.
+        if getattr(config, TRANSFORMERS_WEIGHTS, None) == LOADER_GUARD:
+            delattr(config, TRANSFORMERS_WEIGHTS)
+        return super().update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        if checkpoint_files:
-            verify_compressed(None, checkpoint_files, self.quantization_config.to_dict())
+        if checkpoint_files:  # the shapes too: Transformers would stop at a swapped shape with a generic error
+            verify_compressed(None, checkpoint_files, self.quantization_config.to_dict(),
+                              shapes={n: tuple(p.shape) for n, p in model.named_parameters()})
         return model
 
     def check_digest(self, name, dense):
@@ -115,7 +125,7 @@ class PilotSparseHfQuantizer(HfQuantizer):
         # loading (the tensor name only in a logged report), so record the mismatch and raise it ourselves,
         # as a CorruptCheckpointError, once the weights are in (_process_model_after_weight_loading).
         try:
-            check_digest(name, dense, self.quantization_config.digests)
+            check_digest(name, dense, self.quantization_config.digests, self.quantization_config.format_version)
         except CorruptCheckpointError as err:
             self._digest_log.errors.append(err)
         self._digest_log.checked.add(name)
@@ -159,8 +169,9 @@ def register_with_transformers() -> bool:
         register_quantizer,
     )
 
-    if not hasattr(HfQuantizer, "get_load_operations"):
-        raise AttributeError("HfQuantizer has no get_load_operations (the quantizer load-operation API)")
+    for hook in ("get_load_operations", "update_attn_implementation"):  # the load ops; the guard's removal
+        if not hasattr(HfQuantizer, hook):
+            raise AttributeError(f"HfQuantizer has no {hook} (the quantizer API pilot_sparse loads through)")
     if FORMAT_NAME not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(FORMAT_NAME)(PilotSparseConfig)
     if FORMAT_NAME not in AUTO_QUANTIZER_MAPPING:

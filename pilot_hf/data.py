@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -180,6 +181,33 @@ def check_text_file(path: str, what: str = "data file") -> None:
         text = head[:err.start].decode("utf-8")
     if not text.strip():
         raise ValueError(f"{what} {path!r} is empty (or only whitespace); give a file with text in it.")
+    if _file_extension(path) in (".json", ".jsonl"):
+        check_json_records(path, what)
+
+
+def check_json_records(path: str, what: str = "data file") -> None:
+    """ValueError naming the first line that is no JSON object, unless the file is one JSON document or JSON
+    Lines (one object per line) — the two layouts the `datasets` json builder reads."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if _file_extension(path) == ".json":
+        try:
+            json.loads(text)
+            return
+        except ValueError:
+            pass  # maybe JSON Lines in a .json file
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{what} {path!r}: line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                             "each line of a JSON Lines file must be one JSON object, e.g. {\"text\": \"...\"}. Fix "
+                             "or remove that line.") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{what} {path!r}: line {number} is a JSON {type(record).__name__}, not an object; each "
+                             "line must be one JSON object, e.g. {\"text\": \"...\"}.")
 
 
 def _break_after(text: str, position: int) -> int:
@@ -238,8 +266,13 @@ def _load_file(path: str, args: DataArguments) -> datasets.Dataset:
         raise ValueError(f"data file {path!r} is empty.")
     builder = FILE_BUILDERS[_file_extension(path)]
     kwargs = {"sample_by": args.sample_by} if builder == "text" else {}
-    dataset = datasets.load_dataset(builder, data_files={"train": path}, split="train",
-                                    cache_dir=args.dataset_cache_dir, **kwargs)
+    try:
+        dataset = datasets.load_dataset(builder, data_files={"train": path}, split="train",
+                                        cache_dir=args.dataset_cache_dir, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowInvalid, ValueError) as err:
+        cause = err.__cause__ or err
+        raise ValueError(f"data file {path!r} cannot be read as {builder} ({type(cause).__name__}: "
+                         f"{' '.join(str(cause).split())[:300]}); fix the file or convert it.") from None
     if len(dataset) == 0:
         raise ValueError(f"data file {path!r} holds no rows.")
     return dataset
@@ -394,6 +427,40 @@ def prepare_lm_datasets(args: DataArguments, tokenizer, model=None) -> datasets.
         logger.info("%s: %d blocks of %d tokens", split, len(blocks), block_size)
         result[split] = blocks
     return datasets.DatasetDict(result)
+
+
+_DATA_FINGERPRINTS: dict[str, dict] = {}  # by the datasets fingerprint: a dataset is hashed once per process
+
+
+def data_fingerprint(dataset) -> dict | None:
+    """What defines packed training data, recorded in every checkpoint so that resuming on other data is refused:
+    the number of blocks, the block size and a sha256 of every token id in order (it changes with the text, the
+    files, the tokenizer, the block size and max_train_samples alike). None for data that is not a `datasets.Dataset`
+    of `input_ids` (an iterable dataset is not read ahead)."""
+    if not isinstance(dataset, datasets.Dataset) or "input_ids" not in dataset.column_names:
+        return None
+    key = getattr(dataset, "_fingerprint", None)
+    if key not in _DATA_FINGERPRINTS:
+        stream = token_stream(dataset)
+        record = {"blocks": len(dataset), "block_size": len(dataset[0]["input_ids"]) if len(dataset) else 0,
+                  "tokens": len(stream), "tokens_sha256": hashlib.sha256(stream.tobytes()).hexdigest()}
+        if key is None:
+            return record
+        _DATA_FINGERPRINTS[key] = record
+    return _DATA_FINGERPRINTS[key]
+
+
+def check_same_data(checkpoint: str, recorded: dict | None, current: dict | None) -> None:
+    """ValueError if the checkpoint was trained on other data than the run that resumes it (see data_fingerprint).
+    A checkpoint written before data was recorded (None) is not compared."""
+    if not recorded or not current or recorded == current:
+        return
+    differ = "; ".join(f"{k}: checkpoint {recorded.get(k)} vs now {current.get(k)}" for k in recorded
+                       if recorded.get(k) != current.get(k) and k != "tokens_sha256")
+    raise ValueError(f"cannot resume {checkpoint}: it was trained on other data ({differ or 'the same sizes'}, other "
+                     "token content). Resuming would mix two data sets in one run. Resume with the checkpoint's data "
+                     "(the same dataset or train_file, block_size, tokenizer and max_train_samples), or start a new "
+                     "run with another --checkpoint_dir.")
 
 
 def calibration_samples(tokenizer, data="builtin:kjv", num_samples: int = 128, seqlen: int = 2048,

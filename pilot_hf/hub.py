@@ -2,7 +2,8 @@
 
 The card is a Jinja template (`pilot_hf/templates/pilot_model_card.md.j2`, a file of the package)
 rendered by `huggingface_hub.ModelCard.from_template`; its YAML metadata is built with `ModelCardData` and `EvalResult`, never by hand. The push goes
-through `HfApi.create_repo` + `HfApi.upload_folder` (one commit). The token comes from where
+through `HfApi.create_repo` + `HfApi.create_commit` with exactly the files `upload_plan` lists (one
+commit; hidden files, secrets and symlinks never go up). The token comes from where
 huggingface_hub looks (HF_TOKEN, the `hf auth login` cache) and is never written anywhere.
 """
 
@@ -13,16 +14,19 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field, fields
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .methods import DESCRIPTIONS
+from .runs import MARKER_NAME
 from .serialization import (
     CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -57,6 +61,10 @@ KNOWN_LICENSES = {
 # Upload everything in the folder except training state and pickles (only safetensors weights go up).
 IGNORE_PATTERNS = [".pilot-hf", "checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt",
                    ".git/*", ".cache/*"]
+# Never uploaded, whatever else the folder holds: hidden files and folders (.env, .ssh/, .netrc, .git-credentials),
+# key and credential files, and symlinks (their targets may lie anywhere on the machine).
+SECRET_PATTERNS = ["*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*",
+                   "*credentials*", "*.kdbx"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SECRETS = [
@@ -332,6 +340,7 @@ class PushResult:
     compressed: bool  # the uploaded weights are in the pilot_sparse format
     dry_run: bool
     commit_url: str | None = None
+    left_out: list[str] = field(default_factory=list)  # hidden, secret-looking or linked paths, never uploaded
 
     @property
     def total_bytes(self) -> int:
@@ -344,6 +353,8 @@ class PushResult:
         lines = [f"{what} {len(self.files)} files ({_size(self.total_bytes)}) to {target}"
                  + (" [compressed]" if self.compressed else "")]
         lines += [f"  {name:<{width}}  {_size(size):>10}" for name, size in self.files]
+        if self.left_out:
+            lines.append(f"left out (hidden, secret or linked; never uploaded): {', '.join(self.left_out)}")
         if self.commit_url:
             lines.append(f"commit: {self.commit_url}")
         return "\n".join(lines)
@@ -390,27 +401,30 @@ def check_repo_id(repo_id: str) -> None:
                          "'your-username/smollm2-135m-pilot-50' (letters, digits, '-', '_', '.').")
 
 
+def _never_uploaded(path: Path) -> bool:
+    return path.is_symlink() or path.name.startswith(".") or any(fnmatch(path.name, p) for p in SECRET_PATTERNS)
+
+
 def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
-    """(path, bytes) of every file under `folder` that an upload sends, after IGNORE_PATTERNS."""
-    folder = Path(folder)
-    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return [(p, (folder / p).stat().st_size) for p in filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS)]
+    """(path, bytes) of every file under `folder` that an upload sends: not hidden, secret-looking or a symlink
+    (nor inside such a folder), then after IGNORE_PATTERNS."""
+    return _plan(Path(folder))[0]
 
 
-def _mark_card_compressed(folder: Path) -> None:
-    """Tell readers of the README copy in a compressed upload how to load it."""
-    readme = folder / README_NAME
-    if not readme.is_file():
-        return
-    card = ModelCard.load(readme, ignore_metadata_errors=True)
-    if "pilot_sparse" in (card.data.tags or []):
-        return
-    card.data.tags = list(card.data.tags or []) + ["pilot_sparse"]
-    card.text += ("\n## Compressed checkpoint\n\nThe weights in this repository are stored in pilot-hf's compressed "
-                  "sparse format (`pilot_sparse`: a packed bitmask and the non-zero values per sparse weight). "
-                  "Run `import pilot_hf` (pip install pilot-hf) before `AutoModelForCausalLM.from_pretrained`; "
-                  "the weights are expanded to the exact dense tensors at load time.\n")
-    card.save(readme)
+def _plan(folder: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(upload_plan, the paths left out as hidden, secret or linked)."""
+    files, left_out = [], []
+    for root, dirs, names in os.walk(folder):  # followlinks=False: a linked folder is never entered
+        for name in sorted([*dirs, *names]):
+            path = Path(root) / name
+            if _never_uploaded(path):
+                left_out.append(path.relative_to(folder).as_posix())
+                if name in dirs:
+                    dirs.remove(name)
+            elif name in names:
+                files.append(path.relative_to(folder).as_posix())
+    kept = filter_repo_objects(sorted(files), ignore_patterns=IGNORE_PATTERNS)
+    return [(p, (folder / p).stat().st_size) for p in kept], sorted(left_out)
 
 
 def _retry_hint(folder: Path, repo_id: str, private: bool, compressed: bool, revision: str | None) -> str:
@@ -438,15 +452,20 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, com
                         "variable to a token with write access, see https://huggingface.co/settings/tokens), "
                         "then run the push again.")
     compressed_on_disk = is_compressed(folder)
+    never_uploaded = _plan(folder)[1]
     with contextlib.ExitStack() as stack:
         upload_dir = folder
         if compressed and not compressed_on_disk:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pilot-push-")))
             upload_dir = tmp / folder.name
-            compress_checkpoint(folder, upload_dir)
-            _mark_card_compressed(upload_dir)
-        result = PushResult(repo_id=repo_id, revision=revision, files=upload_plan(upload_dir),
-                            compressed=is_compressed(upload_dir), dry_run=dry_run)
+            compress_checkpoint(folder, upload_dir)  # its card copy says how to load it
+            for name in never_uploaded:  # the copy made linked files real ones: leave out what the folder does
+                if (upload_dir / name).is_file():
+                    (upload_dir / name).unlink()
+        files, left_out = _plan(upload_dir)
+        left_out = sorted({*left_out, *never_uploaded} - {MARKER_NAME})
+        result = PushResult(repo_id=repo_id, revision=revision, files=files, compressed=is_compressed(upload_dir),
+                            dry_run=dry_run, left_out=left_out)
         if dry_run:
             return result
         api = api or HfApi()
@@ -458,8 +477,10 @@ def push_to_hub(output_dir: str | Path, repo_id: str, private: bool = False, com
                 step = f"create the branch {revision!r}"
                 api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
             step = "upload the files"
-            commit = api.upload_folder(repo_id=repo_id, folder_path=str(upload_dir), repo_type="model",
-                                       revision=revision, commit_message=message, ignore_patterns=IGNORE_PATTERNS)
+            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(upload_dir / name))
+                          for name, _ in result.files]  # exactly the plan: never a file the plan left out
+            commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message,
+                                       revision=revision, repo_type="model")
         except Exception as err:
             raise PushError(
                 f"Pushing {folder} to {repo_id} failed while trying to {step}: {type(err).__name__}: {err}. "

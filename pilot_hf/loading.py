@@ -60,6 +60,9 @@ def check_model_source(args: ModelArguments) -> None:
             raise ValueError(f"{path} is not a model folder (no config.json). Give a folder written by "
                              f"save_pretrained, a Hub id, or '{DEMO_MODEL}'.")
         check_causal_lm(path)
+        from .serialization import check_weight_files
+
+        check_weight_files(path)  # cut-off weight files, compressed parts without their config: refused now
         return
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or not _HUB_ID.match(name):
         raise ValueError(f"model path {name!r} does not exist. Give an existing model folder, a Hub id "
@@ -67,6 +70,29 @@ def check_model_source(args: ModelArguments) -> None:
     if is_offline():
         raise ValueError(f"{name!r} is not a local folder and the Hugging Face Hub is offline (HF_HUB_OFFLINE=1). "
                          f"Download it elsewhere and pass its local folder, or use '{DEMO_MODEL}'.")
+
+
+def check_same_vocabulary(tokenizer, other_path: str, what: str = "the teacher") -> None:
+    """ValueError unless the tokenizer saved at `other_path` maps every token to the same id as `tokenizer`
+    (distillation compares the two models' distributions id by id: equal vocabulary sizes are not enough).
+    A path without a readable tokenizer (or an unreachable Hub id) is not compared."""
+    from transformers import AutoTokenizer
+
+    if not hasattr(tokenizer, "get_vocab"):  # no tokenizer given (or a processor): nothing to compare
+        return
+    try:
+        other = AutoTokenizer.from_pretrained(other_path)
+    except (OSError, ValueError):
+        return
+    mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if mine == theirs:
+        return
+    differ = sorted(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    examples = ", ".join(f"{t!r}: {mine.get(t)} vs {theirs.get(t)}" for t in differ[:3])
+    raise ValueError(f"{what} ({other_path}) uses another vocabulary than the model's tokenizer: {len(differ)} tokens "
+                     f"differ (e.g. {examples}; the model's id vs {what}'s), so its token distributions cannot be "
+                     "compared id by id. Use a teacher with the same tokenizer (the same model family, e.g. the "
+                     "dense model this one was pruned from).")
 
 
 def check_causal_lm(path: str | Path) -> None:

@@ -1,7 +1,7 @@
 """Compressed sparse checkpoints: a packed bitmask and the non-zero values per sparse weight, in safetensors.
 
 Dense safetensors (`model.save_pretrained`) stays the default everywhere; this module is the opt-in
-smaller format for pruned models. Format version 2, for a checkpoint weight `K` (a key ending in
+smaller format for pruned models. Format version 3, for a checkpoint weight `K` (a key ending in
 `.weight`) of shape S, dtype D and n = prod(S) entries, of which nnz are numerically non-zero:
 
     K_bitmask     uint8[ceil(n / 8)]          bit i = 1 <=> entry i (row-major) is != 0; bit order
@@ -17,13 +17,17 @@ Every other tensor is stored exactly as `save_pretrained` wrote it. A weight is 
 is a 2-D floating tensor named like a model parameter and the parts take at most (1 - min_saving) of
 its dense bytes. `config.json` gets a `quantization_config` entry:
 
-    {"quant_method": "pilot_sparse", "format_version": 2, "bit_order": "little",
+    {"quant_method": "pilot_sparse", "format_version": 3, "bit_order": "little",
      "compressed_weights": [sorted keys K], "dequantize": true,
      "digests": {K: sha256 hex digest of the dense tensor K}}
 
-The digest is sha256 over the exact bytes of the dense tensor the parts expand to: row-major, in its
-stored dtype D, little-endian as safetensors stores it (so it covers NaN payloads and the zero signs;
-with keep_zero_signs=False it is the digest of the tensor with every -0.0 read back as +0.0). Every
+and the top-level entry `"transformers_weights": LOADER_GUARD` (see "Never random weights" below).
+
+The digest (version 3) is sha256 over the shape, written as JSON (`[64, 32]`) and a newline, followed by
+the exact bytes of the dense tensor the parts expand to: row-major, in its stored dtype D, little-endian
+as safetensors stores it (so it covers NaN payloads and the zero signs; with keep_zero_signs=False it is
+the digest of the tensor with every -0.0 read back as +0.0). Version 2 hashed the bytes only, so two
+weights of equal size whose `_shape` parts were swapped passed; version 2 checkpoints still load. Every
 loader expands a weight, hashes it once and refuses it on a mismatch (CorruptCheckpointError): a
 flipped byte in `K_values` or a bitmask whose bits moved without changing the popcount passes the
 structural checks but not the digest. Dense (uncompressed) tensors carry no digest.
@@ -36,7 +40,15 @@ together with it (a damaged safetensors header loses its metadata too). The cost
 JSON per compressed weight (about 25 KB for SmolLM2-135M's 210 linears; hashing adds ~15% to a load).
 
 Format version 1 is version 2 without `digests`: it still loads, with a warning that nothing checks
-its values. A version-2 checkpoint must carry a digest for every compressed weight.
+its values. A version-2 or -3 checkpoint must carry a digest for every compressed weight.
+
+Never random weights: Transformers skips a `quant_method` it does not know (with a warning) and would fill
+every compressed weight, absent under its own name, with fresh random values. So config.json also sets
+`transformers_weights` (the file Transformers must load the weights from) to LOADER_GUARD, which is no
+weights file name: plain Transformers stops with a ValueError that quotes it, and it says how to load the
+model. `import pilot_hf` registers the format, whose quantizer removes the guard before the weight files are
+looked up; `load_compressed` removes it too. pilot-hf itself refuses weight files that hold compressed parts
+without their `quantization_config` (`check_weight_files`).
 
 Loading expands every weight back to the exact dense tensor (a plain Transformers model, no special
 modules): `load_compressed(path)`, or `AutoModelForCausalLM.from_pretrained(path)` once `pilot_hf` is
@@ -69,10 +81,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .runs import OutputFolder
+
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "pilot_sparse"  # the `quant_method` in config.json
-FORMAT_VERSION = 2  # 2: a sha256 digest per compressed weight in quantization_config["digests"]
+FORMAT_VERSION = 3  # 2: a sha256 digest per compressed weight in quantization_config["digests"]; 3: over the shape too
+SHAPED_DIGESTS_SINCE = 3
+# config.json's `transformers_weights` in a compressed checkpoint: no file name, so that Transformers without
+# pilot_hf refuses the checkpoint (quoting this) instead of loading random weights.
+LOADER_GUARD = ("pilot_sparse compressed checkpoint, not a weights file: to load it, `pip install pilot-hf` and "
+                "`import pilot_hf` before from_pretrained (or use pilot_hf.load_compressed(path))")
+TRANSFORMERS_WEIGHTS = "transformers_weights"
 BIT_ORDER = "little"
 BITMASK, VALUES, SHAPE, ZERO_SIGNS = "_bitmask", "_values", "_shape", "_zero_signs"
 PART_SUFFIXES = (BITMASK, VALUES, SHAPE, ZERO_SIGNS)
@@ -192,11 +212,16 @@ def stored_nbytes(parts: dict[str, torch.Tensor]) -> int:
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """sha256 hex digest of a tensor's exact bytes: row-major, in its own dtype (little-endian, as in
-    safetensors). hashlib reads a contiguous CPU byte view: no float conversion, no copy on CPU."""
+def tensor_digest(tensor: torch.Tensor, version: int = FORMAT_VERSION) -> str:
+    """sha256 hex digest of a tensor: (version >= 3) its shape as JSON and a newline, then its exact bytes,
+    row-major, in its own dtype (little-endian, as in safetensors). hashlib reads a contiguous CPU byte view:
+    no float conversion, no copy on CPU."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
+    digest = hashlib.sha256()
+    if version >= SHAPED_DIGESTS_SINCE:
+        digest.update(json.dumps(list(tensor.shape)).encode() + b"\n")
+    digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def expected_digest(tensor: torch.Tensor, keep_zero_signs: bool = True) -> str:
@@ -206,26 +231,38 @@ def expected_digest(tensor: torch.Tensor, keep_zero_signs: bool = True) -> str:
     return tensor_digest(tensor)
 
 
-def check_digest(name: str, dense: torch.Tensor, digests: dict[str, str] | None) -> None:
-    """Refuse an expanded weight whose bytes do not hash to its recorded digest (no-op for version 1,
-    which records none). The structural checks cannot see a changed value or moved bitmask bits."""
+def check_digest(name: str, dense: torch.Tensor, digests: dict[str, str] | None,
+                 version: int = FORMAT_VERSION) -> None:
+    """Refuse an expanded weight whose shape and bytes do not hash to its recorded digest (no-op for version 1,
+    which records none). The structural checks cannot see a changed value, moved bitmask bits or swapped shapes."""
     if digests is None:
         return
     expected = digests.get(name)
     if expected is None:
         raise CorruptCheckpointError(f"{name}: config.json records no digest for this compressed weight, so it "
                                      "cannot be checked; the checkpoint is corrupt. Re-download or re-write it.")
-    actual = tensor_digest(dense)
+    actual = tensor_digest(dense, version)
     if actual != expected:
         raise CorruptCheckpointError(
-            f"{name}: the expanded weight does not match its sha256 digest in config.json (expected "
-            f"{expected[:16]}..., got {actual[:16]}...): the checkpoint file is corrupt. Re-download it, or "
+            f"{name}: the expanded weight (shape {list(dense.shape)}) does not match its sha256 digest in config.json "
+            f"(expected {expected[:16]}..., got {actual[:16]}...): the checkpoint file is corrupt. Re-download it, or "
             "re-write it from the dense model (save_compressed / compress_checkpoint).")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoint folders
 # ----------------------------------------------------------------------------------------------------
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Before a local checkpoint is loaded: each safetensors weight file is whole (a cut-off file is refused, not
+    a traceback halfway through loading), and compressed parts come with the config that describes them. A
+    folder without safetensors weights is left to Transformers."""
+    try:
+        files = weight_files(folder)
+    except FileNotFoundError:
+        return
+    verify_compressed(folder, files)
+
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors weight files of a checkpoint folder (single file or sharded with an index)."""
@@ -281,8 +318,13 @@ def parse_compression_config(qc: dict) -> dict:
 def compression_config(folder: str | os.PathLike) -> dict | None:
     """The `quantization_config` of a compressed checkpoint folder (checked, see parse_compression_config),
     None for a plain (dense) one."""
-    qc = _read_config(Path(folder)).get("quantization_config")
+    config = _read_config(Path(folder))
+    qc = config.get("quantization_config")
     if not qc:
+        if config.get(TRANSFORMERS_WEIGHTS) == LOADER_GUARD:
+            raise CorruptCheckpointError(f"{folder} is a pilot_sparse compressed checkpoint whose config.json lost its "
+                                         "quantization_config, so its compressed weights cannot be expanded; loading "
+                                         "it would give random weights. Re-download or re-write it.")
         return None
     if qc.get("quant_method") != FORMAT_NAME:
         raise ValueError(f"{folder} is quantized with {qc.get('quant_method')!r}, not a pilot-hf checkpoint; "
@@ -311,24 +353,27 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.PathLike] | None = None,
-                      config: dict | None = None, *, check_digests: bool = False) -> dict[str, Any]:
+                      config: dict | None = None, *, check_digests: bool = False,
+                      shapes: dict[str, tuple] | None = None) -> dict[str, Any]:
     """Check every compressed weight of a checkpoint without expanding it: all parts present, bitmask
     lengths, padding bits, value counts == popcounts, zero-sign lengths, exactly the weights listed in
-    config.json, and (format version 2) a digest for each of them. Raises CorruptCheckpointError (a
+    config.json, and (format version 2 and later) a digest for each of them. Raises CorruptCheckpointError (a
     ValueError) naming the tensor and file. `config` is the `quantization_config` (default: the folder's
     config.json); `files` defaults to the folder's weight files. Logs a warning for a version-1
     checkpoint, which has no digests.
 
     The digests themselves need the expanded weights: the loaders compare them as they expand each
-    weight. `check_digests=True` does it here too (expands one weight at a time, reads every value)."""
+    weight. `check_digests=True` does it here too (expands one weight at a time, reads every value). `shapes`
+    (name -> the model's parameter shape) also compares each stored shape with the model's."""
     config = parse_compression_config(config) if config is not None else compression_config(folder) or {}
     compressed_weights, digests = config.get("compressed_weights", []), config.get("digests")
+    version = config.get("format_version", FORMAT_VERSION)
     files = [Path(f) for f in files] if files is not None else weight_files(folder)
     found: dict[str, dict[str, tuple]] = {}
     for path in files:
         with _open(path) as f:
             for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
-                split = _split_key(key) if compressed_weights else None  # a dense checkpoint has no parts
+                split = _split_key(key)  # parts in a "dense" checkpoint are refused below, never skipped
                 if split is None:
                     continue
                 base, suffix = split
@@ -340,6 +385,13 @@ def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.Pat
                     raise CorruptCheckpointError(f"{key} in {path} cannot be read ({err}).") from err
                 found.setdefault(base, {})[suffix] = (path, shape, dtype, small)
     listed = set(compressed_weights)
+    if found and not listed:
+        where = folder if folder is not None else files[0].parent
+        raise CorruptCheckpointError(
+            f"{where}: the weight files hold pilot_sparse compressed weights (e.g. {sorted(found)[0]}_bitmask) but "
+            "config.json has no pilot_sparse quantization_config that describes them, so they cannot be expanded: "
+            "loading would leave those weights random. Restore the checkpoint's own config.json (re-download it), "
+            "or re-write it with save_compressed / compress_checkpoint.")
     if listed - set(found):
         raise CorruptCheckpointError(f"compressed weights listed in config.json are missing from the weight files: "
                                      f"{sorted(listed - set(found))[:5]}; the checkpoint is incomplete or corrupted.")
@@ -362,6 +414,11 @@ def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.Pat
                     f"({vdtype}) are stored; the checkpoint is corrupted.")
             if ZERO_SIGNS in parts:
                 _check_packed(base, ZERO_SIGNS, parts[ZERO_SIGNS][3], numel - nnz)
+            stored = tuple(int(x) for x in parts[SHAPE][3].tolist())
+            if shapes is not None and base in shapes and stored != tuple(shapes[base]):
+                raise CorruptCheckpointError(f"{base}{SHAPE}: the checkpoint stores shape {list(stored)} but the model's "
+                                             f"weight is {list(shapes[base])}; the checkpoint is corrupt. Re-download "
+                                             "or re-write it.")
         except CorruptCheckpointError as err:
             raise CorruptCheckpointError(f"{err} (file {path})") from None
     if found:
@@ -374,7 +431,7 @@ def verify_compressed(folder: str | os.PathLike | None, files: list[str | os.Pat
                 path = parts[VALUES][0]
                 try:
                     tensors = {s: handles[p[0]].get_tensor(base + s) for s, p in parts.items()}
-                    check_digest(base, decompress_tensor(base, tensors), digests)
+                    check_digest(base, decompress_tensor(base, tensors), digests, version)
                 except SafetensorError as err:
                     raise CorruptCheckpointError(f"{base} in {path} cannot be read ({err}).") from err
                 except CorruptCheckpointError as err:
@@ -411,7 +468,7 @@ def load_compressed_state_dict(folder: str | os.PathLike) -> dict[str, torch.Ten
     folder = Path(folder)
     config = compression_config(folder)
     compressed = bool(verify_compressed(folder, config=config or {})["compressed_weights"])
-    digests = (config or {}).get("digests")
+    digests, version = (config or {}).get("digests"), (config or {}).get("format_version", FORMAT_VERSION)
     state_dict: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for path in weight_files(folder):
@@ -428,7 +485,7 @@ def load_compressed_state_dict(folder: str | os.PathLike) -> dict[str, torch.Ten
                     parts.setdefault(split[0], {})[split[1]] = tensor
     for base, p in parts.items():
         dense = decompress_tensor(base, p)
-        check_digest(base, dense, digests)  # once per weight, on the tensor we return
+        check_digest(base, dense, digests, version)  # once per weight, on the tensor we return
         state_dict[base] = dense
     return state_dict
 
@@ -445,13 +502,15 @@ def _model_param_names(folder: Path) -> set[str]:
 
 def compress_checkpoint(src_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                         min_saving: float = DEFAULT_MIN_SAVING, keep_zero_signs: bool = True,
-                        param_names: set[str] | None = None) -> dict[str, Any]:
+                        param_names: set[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write a compressed copy of a saved (dense, safetensors) checkpoint folder; `src_dir` is only read.
 
     Top-level non-weight files (tokenizer, generation config, README...) are copied; sub-folders
     (e.g. trainer `checkpoint-*`) are not. Shards keep their names and the index is rewritten. If no
     weight pays to compress, the output is a plain dense checkpoint (no `quantization_config`).
-    Returns sizes per compressed weight and in total (bytes).
+    `output_dir` follows the output protocol of every pilot-hf command (`runs.OutputFolder`): written
+    completely or not at all; an existing, non-empty folder is refused unless pilot-hf wrote it and
+    `overwrite` is given. Returns sizes per compressed weight and in total (bytes).
     """
     src, out = Path(src_dir), Path(output_dir)
     if not 0 <= min_saving < 1:
@@ -464,15 +523,18 @@ def compress_checkpoint(src_dir: str | os.PathLike, output_dir: str | os.PathLik
         raise ValueError(f"{src} is already {'compressed' if method == FORMAT_NAME else f'quantized ({method})'}; "
                          "compress a dense checkpoint.")
     files = weight_files(src)
+    verify_compressed(src, files)  # every file readable; no compressed parts in a "dense" checkpoint
     if param_names is None:
         param_names = _model_param_names(src)
+    with OutputFolder(out, overwrite) as folder:
+        return _write_compressed(src, files, config, folder.staging, min_saving, keep_zero_signs, param_names)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + [out / SAFE_WEIGHTS_INDEX_NAME]:
-        if stale.is_file():
-            stale.unlink()  # leftovers of an earlier save would shadow or mix with the new weights
-    for item in src.iterdir():
-        if item.is_file() and item.name != CONFIG_NAME and item not in files and item.name != SAFE_WEIGHTS_INDEX_NAME:
+
+def _write_compressed(src: Path, files: list[Path], config: dict, out: Path, min_saving: float,
+                      keep_zero_signs: bool, param_names: set[str]) -> dict[str, Any]:
+    for item in src.iterdir():  # not hidden files (.env, the marker): a compressed copy is made to be shared
+        if item.is_file() and not item.name.startswith(".") \
+                and item.name not in (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME) and item not in files:
             shutil.copy2(item, out / item.name)
 
     stats: dict[str, Any] = {"weights": {}, "dense_bytes": 0, "stored_bytes": 0}
@@ -520,17 +582,44 @@ def compress_checkpoint(src_dir: str | os.PathLike, output_dir: str | os.PathLik
             "quant_method": FORMAT_NAME, "format_version": FORMAT_VERSION, "bit_order": BIT_ORDER,
             "compressed_weights": sorted(stats["weights"]), "dequantize": True,
             "digests": dict(sorted(digests.items()))}
+        config[TRANSFORMERS_WEIGHTS] = LOADER_GUARD  # Transformers without pilot_hf refuses it, quoting this
+        note_compressed_in_card(out)
     else:
         logger.info("no weight of %s is sparse enough to pay for a bitmask; wrote a plain dense checkpoint.", src)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return stats
 
 
+COMPRESSED_CARD_TAG = "pilot_sparse"
+COMPRESSED_CARD_SECTION = (
+    "\n## Compressed checkpoint\n\nThe weights in this repository are stored in pilot-hf's compressed sparse format "
+    "(`pilot_sparse`: a packed bitmask and the non-zero values per sparse weight). Run `pip install pilot-hf`, "
+    "then `import pilot_hf` before `AutoModelForCausalLM.from_pretrained`; the weights are expanded to the exact "
+    "dense tensors at load time (`pilot_hf.load_compressed(path)` does the same). Without pilot-hf, Transformers "
+    "refuses to load it rather than fill the compressed layers with random weights.\n")
+
+
+def note_compressed_in_card(folder: Path) -> None:
+    """Tell readers of a copied README.md (a card written for the dense model) how to load the compressed copy."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(readme, ignore_metadata_errors=True)
+    if COMPRESSED_CARD_TAG in (card.data.tags or []):
+        return  # a card rendered for the compressed format says it already
+    card.data.tags = list(card.data.tags or []) + [COMPRESSED_CARD_TAG]
+    card.text += COMPRESSED_CARD_SECTION
+    card.save(readme)
+
+
 def save_compressed(model: torch.nn.Module, output_dir: str | os.PathLike, tokenizer=None, *,
                     min_saving: float = DEFAULT_MIN_SAVING, keep_zero_signs: bool = True,
-                    max_shard_size: str | int = "5GB") -> dict[str, Any]:
+                    max_shard_size: str | int = "5GB", overwrite: bool = False) -> dict[str, Any]:
     """Save a (pruned, unwrapped) model as a compressed checkpoint: `save_pretrained` writes it dense to a
-    temporary folder beside `output_dir`, then `compress_checkpoint` packs its sparse weights.
+    temporary folder beside `output_dir`, then `compress_checkpoint` packs its sparse weights (same output
+    protocol: an existing folder pilot-hf did not write is refused; `overwrite` replaces one it wrote).
 
     `tokenizer` (optional) is saved alongside. Returns the sizes `compress_checkpoint` reports.
     """
@@ -540,13 +629,14 @@ def save_compressed(model: torch.nn.Module, output_dir: str | os.PathLike, token
         raise ValueError("this model still has MaskedLinear layers; call merge_and_unload(model) before saving, "
                          "so the checkpoint is a plain Transformers model.")
     out = Path(output_dir)
+    OutputFolder(out, overwrite)  # refused now, before the dense copy is written
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pilot-dense-", dir=out.parent) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         return compress_checkpoint(tmp, out, min_saving=min_saving, keep_zero_signs=keep_zero_signs,
-                                   param_names=set(model.state_dict().keys()))
+                                   param_names=set(model.state_dict().keys()), overwrite=overwrite)
 
 
 def load_compressed(path: str | os.PathLike, **from_pretrained_kwargs):
@@ -571,6 +661,8 @@ def load_compressed(path: str | os.PathLike, **from_pretrained_kwargs):
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights are dense now
+    if getattr(config, TRANSFORMERS_WEIGHTS, None) == LOADER_GUARD:
+        delattr(config, TRANSFORMERS_WEIGHTS)
     try:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:

@@ -26,12 +26,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .config import PILoTConfig
-from .data import calibration_blocks
+from .data import calibration_blocks, check_same_data, data_fingerprint
 from .distillation import Teacher, distillation_loss, lm_loss_value
 from .hub import CardInfo, card_info_for_run, write_model_card
+from .loading import check_same_vocabulary
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
 from .pruning import SparsityPattern, full_tensor
+from .runs import CHECKPOINT_FILES, PILOT_STATE_NAME, latest_checkpoint  # noqa: F401 (re-exported)
 from .schedule import SparsitySchedule
 from .training_args import PILoTTrainingArguments
 from .wrapping import (
@@ -45,10 +47,6 @@ from .wrapping import (
     wrap_model,
 )
 
-PILOT_STATE_NAME = "pilot_state.json"
-# A complete PILoTTrainer checkpoint holds these (pilot_state.json is written last, atomically).
-CHECKPOINT_FILES = ("trainer_state.json", PILOT_STATE_NAME)
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Prefixes that DDP, FSDP and activation checkpointing add to parameter names.
 _WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
@@ -59,20 +57,6 @@ def _clean_name(name: str) -> str:
         if cleaned == name:
             return name
         name = cleaned
-
-
-def latest_checkpoint(folder: str | os.PathLike | None) -> str | None:
-    """The complete checkpoint with the highest step in `folder` (by number: checkpoint-12 comes after
-    checkpoint-8), skipping checkpoints whose save was interrupted."""
-    if folder is None or not os.path.isdir(folder):
-        return None
-    complete = []
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        match = _CHECKPOINT.match(name)
-        if match and all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):
-            complete.append((int(match.group(1)), path))
-    return max(complete)[1] if complete else None
 
 
 class PILoTTrainer(Trainer):
@@ -99,6 +83,8 @@ class PILoTTrainer(Trainer):
         self.pilot_config = user_config or args.pilot_config()
         self.check_pattern(model, args, self.pilot_config)
         _check_fsdp_loading()
+        if args.distills and args.teacher_model_name_or_path:  # equal vocabulary sizes are not the same vocabulary
+            check_same_vocabulary(kwargs.get("processing_class"), args.teacher_model_name_or_path)
         self.teacher = _teacher(model, args) if args.distills else None  # the model as given: before warm start
         if args.warm_start:
             if is_wrapped(model):
@@ -325,7 +311,8 @@ class PILoTTrainer(Trainer):
     # ----- checkpoints --------------------------------------------------------------------------------
 
     def _pilot_state(self) -> dict:
-        return {"settings": self.args.run_settings(), **self.schedule.state_dict()}
+        return {"settings": self.args.run_settings(), **self.schedule.state_dict(),
+                "data": data_fingerprint(self.train_dataset)}  # resume refuses other data
 
     def _save_pilot_state(self) -> None:
         if not self.args.should_save or self.controller is None:
@@ -354,6 +341,7 @@ class PILoTTrainer(Trainer):
             lines = "; ".join(f"{k}: checkpoint {old!r} vs now {new!r}" for k, (old, new) in diff.items())
             raise ValueError(f"cannot resume {checkpoint} with other PILoT settings ({lines}). Resume with the "
                              "checkpoint's settings, or start a new run in another output_dir.")
+        check_same_data(checkpoint, state.get("data"), data_fingerprint(self.train_dataset))
         self.schedule.load_state_dict(state)
 
     # ----- the run ------------------------------------------------------------------------------------

@@ -144,10 +144,11 @@ class FakeApi:
     def create_branch(self, repo_id, **kwargs):
         self._record("create_branch", repo_id=repo_id, **kwargs)
 
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        kwargs["snapshot"] = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-        self._record("upload_folder", **kwargs)
+    def create_commit(self, **kwargs):
+        operations = kwargs.pop("operations")
+        kwargs["sources"] = {op.path_in_repo: Path(op.path_or_fileobj) for op in operations}
+        kwargs["snapshot"] = {name: path.read_bytes() for name, path in kwargs["sources"].items()}
+        self._record("create_commit", **kwargs)
         return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
 
 
@@ -172,14 +173,15 @@ def test_push_calls_the_api(output_dir):
     result = hub.push_to_hub(output_dir, "me/tiny-sparse", private=True, revision="v1", api=api,
                              commit_message="first")
     names = [name for name, _ in api.calls]
-    assert names == ["create_repo", "create_branch", "upload_folder"]
+    assert names == ["create_repo", "create_branch", "create_commit"]
     assert api.calls[0][1] == {"repo_id": "me/tiny-sparse", "private": True, "exist_ok": True, "repo_type": "model"}
     assert api.calls[1][1]["branch"] == "v1"
     upload = api.calls[2][1]
     assert upload["repo_id"] == "me/tiny-sparse" and upload["revision"] == "v1"
-    assert upload["commit_message"] == "first" and Path(upload["folder_path"]) == output_dir
-    assert upload["ignore_patterns"] == hub.IGNORE_PATTERNS
+    assert upload["commit_message"] == "first"
+    assert all(path == output_dir / name for name, path in upload["sources"].items())
     uploaded = [name for name, _ in result.files]
+    assert sorted(upload["sources"]) == uploaded
     # the card's per-layer sparsity figure goes up with it (the Hub renders it in the card)
     assert uploaded == ["README.md", "config.json", "generation_config.json", "model.safetensors",
                         "sparsity_layers.png"]
@@ -192,7 +194,7 @@ def test_push_compressed_uploads_a_temporary_copy(output_dir, pruned):
     api = FakeApi()
     result = hub.push_to_hub(output_dir, "me/tiny-sparse", compressed=True, api=api)
     upload = api.calls[-1][1]
-    assert Path(upload["folder_path"]) != output_dir and not Path(upload["folder_path"]).exists()  # cleaned up
+    assert all(output_dir not in path.parents and not path.exists() for path in upload["sources"].values())  # cleaned
     config = json.loads(upload["snapshot"]["config.json"])
     assert config["quantization_config"]["quant_method"] == "pilot_sparse"
     assert b"pilot_sparse" in upload["snapshot"]["README.md"] and b"import pilot_hf" in upload["snapshot"]["README.md"]
@@ -222,7 +224,7 @@ def test_dry_run_lists_files_and_contacts_nobody(output_dir, monkeypatch, capsys
     assert dict(compressed.files)["model.safetensors"] < dict(result.files)["model.safetensors"]
 
 
-@pytest.mark.parametrize("step", ["create_repo", "upload_folder"])
+@pytest.mark.parametrize("step", ["create_repo", "create_commit"])
 @pytest.mark.parametrize("compressed", [False, True])
 def test_failed_push_keeps_files_and_says_what_to_retry(output_dir, step, compressed):
     before = digest(output_dir)
@@ -248,7 +250,7 @@ def test_token_from_environment_lookup(output_dir, monkeypatch):
     monkeypatch.setattr(hub, "get_token", lambda: "hf_from_env")
     api = FakeApi(token=None)
     hub.push_to_hub(output_dir, "me/tiny-sparse", api=api)
-    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+    assert [name for name, _ in api.calls] == ["create_repo", "create_commit"]
     assert "hf_from_env" not in repr(api.calls)  # the token is HfApi's business, never passed around
 
 
@@ -293,3 +295,29 @@ def test_cli_main(output_dir, monkeypatch, capsys):
     assert "would upload 5 files" in capsys.readouterr().out
     assert main(["push", str(output_dir), "--repo_id", "me/x"]) == 1  # no token: a PushError, printed
     assert "hf auth login" in capsys.readouterr().err
+
+
+def test_push_never_uploads_hidden_secret_or_linked_files(output_dir, tmp_path):
+    """A result folder that also holds a .env, an ssh key, a certificate and symlinks to files outside it: none of
+    them (nor what the links point to) is uploaded, and the plan says what was left out."""
+    secret = "hf_" + "S" * 30
+    (output_dir / ".env").write_text(f"HF_TOKEN={secret}\n")
+    (output_dir / ".ssh").mkdir()
+    (output_dir / ".ssh" / "id_rsa").write_text(secret)
+    (output_dir / "server.pem").write_text(secret)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwords.txt").write_text(secret)
+    (output_dir / "notes.txt").symlink_to(outside / "passwords.txt")
+    (output_dir / "linked").symlink_to(outside, target_is_directory=True)
+    api = FakeApi()
+    result = hub.push_to_hub(output_dir, "me/tiny-sparse", api=api)
+    uploaded = api.calls[-1][1]["snapshot"]
+    assert sorted(uploaded) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                "sparsity_layers.png"]
+    assert not any(secret.encode() in data for data in uploaded.values())
+    assert result.left_out == [".env", ".ssh", "linked", "notes.txt", "server.pem"]
+    assert "left out (hidden, secret or linked; never uploaded): .env, .ssh, linked, notes.txt" in result.describe()
+    compressed = hub.push_to_hub(output_dir, "me/tiny-sparse", compressed=True, api=api)
+    assert not any(secret.encode() in data for data in api.calls[-1][1]["snapshot"].values())
+    assert ".env" not in [name for name, _ in compressed.files]

@@ -40,6 +40,7 @@ LEVELS = {
     "config": 0, "layers": 0, "pruning": 0, "methods": 0, "regularization": 0, "optim": 0, "assets": 0, "ham": 0,
     # L1
     "wrapping": 1, "data": 1, "evaluation": 1, "distillation": 1, "harness": 1,
+    "runs": 1,  # the output protocol and checkpoint bookkeeping: below serialization and the trainer, which use it
     "metrics": 1,  # the `evaluate` metric script (metrics/perplexity/perplexity.py) wraps evaluation.perplexity
     # L2
     "oneshot": 2, "serialization": 2, "hub": 2, "loading": 2, "lora": 2,
@@ -47,7 +48,7 @@ LEVELS = {
     # L3
     "training_args": 3, "schedule": 3, "trainer": 3,
     # L4
-    "runs": 4, "sweep": 4,
+    "sweep": 4,
     # L5: the command line
     "commands": 5, "__main__": 5,
 }

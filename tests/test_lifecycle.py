@@ -260,7 +260,8 @@ def test_result_folder_holds_the_model_only(reference):
                             "tokenizer_config.json"])
     assert all(not p.is_dir() for p in out.iterdir())  # no checkpoint-*
     checkpoints = root / "ref-checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".pilot-hf-checkpoints",
+                                                             *(f"checkpoint-{s}" for s in (2, 4, 6, 8))]
     assert f"checkpoints: {checkpoints}" in run.stdout and f"saved to: {out}" in run.stdout
 
 

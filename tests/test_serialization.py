@@ -170,13 +170,17 @@ def test_format_on_disk(saved):
     model, _, packed = saved
     config = json.loads((packed / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "pilot_sparse" and config["bit_order"] == "little"
-    assert config["format_version"] == 2 and config["dequantize"] is True
+    assert config["format_version"] == 3 and config["dequantize"] is True
+    assert json.loads((packed / "config.json").read_text())["transformers_weights"] == S.LOADER_GUARD
     name = "model.layers.0.mlp.up_proj.weight"
     assert name in config["compressed_weights"]
-    # One sha256 per compressed weight: of the dense tensor's bytes, row-major, in its stored dtype.
+    # One sha256 per compressed weight: of its shape (JSON, newline) and the dense tensor's bytes, row-major, in
+    # its stored dtype.
     assert sorted(config["digests"]) == config["compressed_weights"]
     for key in config["compressed_weights"]:
-        assert config["digests"][key] == hashlib.sha256(model.state_dict()[key].numpy().tobytes()).hexdigest()
+        dense = model.state_dict()[key]
+        shape = json.dumps(list(dense.shape)).encode() + b"\n"
+        assert config["digests"][key] == hashlib.sha256(shape + dense.numpy().tobytes()).hexdigest()
     with safe_open(packed / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert name not in keys
@@ -398,7 +402,9 @@ NO_CHECKSUMS = "carries no checksums"
 
 def test_tensor_digest_is_sha256_of_the_stored_bytes():
     t = torch.tensor([[0.0, -0.0, 1.5, float("nan")], [float("inf"), -2.0, -0.0, 0.0]], dtype=torch.bfloat16)
-    assert S.tensor_digest(t) == hashlib.sha256(t.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert S.tensor_digest(t) == hashlib.sha256(b"[2, 4]\n" + t.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert S.tensor_digest(t, version=2) == hashlib.sha256(t.view(torch.int16).numpy().tobytes()).hexdigest()
+    assert S.tensor_digest(t.reshape(4, 2)) != S.tensor_digest(t)  # the same bytes in another shape
     assert S.tensor_digest(t.T) == S.tensor_digest(t.T.contiguous())  # row-major, whatever the strides
     # -0.0 is part of the bytes: the digest tells it from +0.0, unless the zero signs are dropped on purpose.
     positive = torch.where(t == 0, torch.zeros_like(t), t)

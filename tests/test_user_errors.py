@@ -39,7 +39,43 @@ def bad(tmp_path_factory):
     bert = T.BertForMaskedLM(T.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                           intermediate_size=32))
     bert.save_pretrained(root / "bert")
+    (root / "malformed.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n{"text": "fine"}\n')
+    # The user's own checkpoint-N folders (e.g. of another tool): a run must never rotate them away.
+    for step in (1, 2):
+        (root / "my-checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        (root / "my-checkpoints" / f"checkpoint-{step}" / "notes.txt").write_text("mine")
+    _broken_models(root)
     return root
+
+
+def _broken_models(root):
+    """Model folders a download or an editor can leave broken (a compressed checkpoint whose config.json lost its
+    quantization_config, weights cut short) and a checkpoint with a file cut short."""
+    import shutil
+
+    from conftest import save_tiny_llama
+
+    import pilot_hf
+    from pilot_hf import serialization as S
+
+    save_tiny_llama(root / "llama")
+    model = T.AutoModelForCausalLM.from_pretrained(root / "llama" / "model")
+    pilot_hf.magnitude_prune(model, 0.5)
+    for name, drop in (("parts-without-config", ("quantization_config", "transformers_weights")),
+                       ("config-lost", ("quantization_config",))):
+        S.save_compressed(model, root / name, T.AutoTokenizer.from_pretrained(root / "llama" / "model"))
+        config = json.loads((root / name / "config.json").read_text())
+        for key in drop:
+            config.pop(key, None)
+        (root / name / "config.json").write_text(json.dumps(config))
+    shutil.copytree(root / "llama" / "model", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    checkpoint = root / "cut-checkpoints" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    for name in ("trainer_state.json", "pilot_state.json"):
+        (checkpoint / name).write_text("{}")
+    (checkpoint / "model.safetensors").write_bytes(weights.read_bytes())  # cut short too
 
 
 def _flags(t, out, *extra, **replace):
@@ -204,6 +240,31 @@ CASES = [
     ("push-folder-without-weights", lambda t, b, o: ["push", str(b / "no-weights"), "--repo_id", "me/model",
                                                      "--dry_run"],
      "model weights", False),
+    # --- issue 25: a model that would load as random weights, files cut short, files that are not ours
+    ("evaluate-compressed-parts-without-config", lambda t, b, o: [
+        "evaluate", "--model_name_or_path", str(b / "parts-without-config")],
+     "has no pilot_sparse quantization_config that describes them", False),
+    ("compress-compressed-parts-without-config", lambda t, b, o: [
+        "compress", *_flags(t, o, model_name_or_path=b / "parts-without-config")],
+     "has no pilot_sparse quantization_config that describes them", False),
+    ("evaluate-compressed-config-lost", lambda t, b, o: ["evaluate", "--model_name_or_path", str(b / "config-lost")],
+     "lost its quantization_config", False),
+    ("evaluate-weights-cut-short", lambda t, b, o: ["evaluate", "--model_name_or_path", str(b / "truncated")],
+     "truncated or corrupted", False),
+    ("oneshot-weights-cut-short", lambda t, b, o: _oneshot(t, o, "--model_name_or_path", b / "truncated"),
+     "truncated or corrupted", False),
+    ("evaluate-output_file-exists", lambda t, b, o: ["evaluate", "--model_name_or_path", str(t / "model"),
+                                                     "--output_file", str(t / "model" / "config.json")],
+     "already exists; pilot-hf evaluate never overwrites a file", False),
+    ("checkpoint_dir-holds-foreign-checkpoints", lambda t, b, o: [
+        "compress", *_flags(t, o, "--checkpoint_dir", b / "my-checkpoints", "--save_total_limit", 1,
+                            save_strategy="steps")],
+     "holds checkpoint-1, checkpoint-2, which pilot-hf did not write", False),
+    ("resume-checkpoint-cut-short", lambda t, b, o: [
+        "compress", *_flags(t, o, "--resume_from_checkpoint", b / "cut-checkpoints" / "checkpoint-4")],
+     "model.safetensors is cut short or damaged). Start without --resume_from_checkpoint", False),
+    ("train_file-malformed-jsonl", lambda t, b, o: ["compress", *_flags(t, o, train_file=b / "malformed.jsonl")],
+     "line 2 is not valid JSON", False),
 ]
 
 

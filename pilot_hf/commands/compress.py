@@ -12,8 +12,8 @@ from transformers import default_data_collator
 from ..data import DataArguments, prepare_lm_datasets
 from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
-from ..runs import OutputFolder, write_json
-from ..trainer import CHECKPOINT_FILES, PILoTTrainer, latest_checkpoint
+from ..runs import OutputFolder, checkpoint_problem, latest_checkpoint, write_json
+from ..trainer import PILoTTrainer
 from ..training_args import PILoTTrainingArguments
 from .arguments import RunArguments
 from .report import card_results, card_task_results, run_record, summary_table, task_table
@@ -53,12 +53,12 @@ def resolve_resume(value: str | None, checkpoints: Path) -> str | None:
     if not Path(value).is_dir():
         raise ValueError(f"--resume_from_checkpoint {value}: no such folder. Give a checkpoint-* folder, or true "
                          f"for the latest complete one in {checkpoints}.")
-    missing = [name for name in CHECKPOINT_FILES if not (Path(value) / name).is_file()]
-    if missing:  # an interrupted save (or not a checkpoint): refused now, not after the model is loaded
+    problem = checkpoint_problem(value)
+    if problem:  # an interrupted save, a file cut short, or not a checkpoint: refused before the model is loaded
         intact = latest_checkpoint(Path(value).resolve().parent) or latest_checkpoint(checkpoints)
-        raise ValueError(f"--resume_from_checkpoint {value} is not a complete checkpoint (no {', '.join(missing)}; "
-                         "its save was interrupted?). " + (f"Resume from {intact}, the latest complete checkpoint."
-                                                          if intact else "Start without --resume_from_checkpoint."))
+        raise ValueError(f"--resume_from_checkpoint {value} is not a complete checkpoint ({problem}). "
+                         + (f"Resume from {intact}, the latest complete checkpoint."
+                            if intact else "Start without --resume_from_checkpoint."))
     return value
 
 

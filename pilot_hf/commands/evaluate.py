@@ -22,6 +22,9 @@ def run(model_args: ModelArguments, eval_args: EvalArguments, args: EvaluateArgu
         raise ValueError(f"--output_file {out}: the folder {out.parent} does not exist; create it or write elsewhere.")
     if out is not None and out.is_dir():
         raise ValueError(f"--output_file {out} is a folder; give a file name (e.g. {out / 'eval.json'}).")
+    if out is not None and out.exists():  # it could be the model's own config.json, or anyone's file
+        raise ValueError(f"--output_file {out} already exists; pilot-hf evaluate never overwrites a file. Give a new "
+                         "file name (or move that file away).")
     check_model_source(model_args)
     eval_args.check_sources()  # the Hub and the harness are checked here, before the model is loaded
     model, tokenizer = load_model(model_args)
@@ -35,5 +38,9 @@ def run(model_args: ModelArguments, eval_args: EvalArguments, args: EvaluateArgu
         print(task_table(None, tasks))
         results = {**results, "tasks": tasks}  # beside the texts' results (a text is never named 'tasks')
     if out is not None:
-        write_json(out, results)
+        try:
+            write_json(out, results, replace=False)
+        except FileExistsError:
+            raise ValueError(f"--output_file {out} was created by someone else while the model was evaluated; it was "
+                             "left as it is and the results are printed above only.") from None
     return results
