@@ -133,3 +133,11 @@ def builtin_text(name: str) -> str:
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def config_source(name: str, revision: str = "main") -> tuple[str, dict]:
+    """(path or Hub id, AutoConfig keyword arguments) of a model's config: the demo model's is in its GGUF file."""
+    if name == DEMO_MODEL:
+        folder, file = demo_model_file()
+        return str(folder), {"gguf_file": file}
+    return name, {"revision": revision}

@@ -13,6 +13,8 @@ sparse without any mask; only the merge needs the keep-masks.
     ... train peft_model with transformers.Trainer ...
     model = merge_sparse_lora(peft_model)                               # a plain, exactly sparse model
 
+or all of it in one call: `model, trainer, output = train_sparse_lora(model, lora_config, training_args, ...)`.
+
 The layout of every tensor here is the weight's own (Conv1D keeps (in, out)); PEFT's `get_delta_weight`
 already returns the delta in that layout (its fan_in_fan_out handling), so masks and deltas line up.
 """
@@ -26,6 +28,20 @@ from .config import PILoTConfig
 from .pruning import apply_keep_mask
 from .wrapping import find_target_layers
 
+# What a model card says about fine-tuning a sparse model (full, or LoRA): its title and description by `lora`,
+# and the PILoT settings such a run does not use (in its run record, not in the card's table).
+FINETUNE_UNUSED_SETTINGS = {
+    "warm_start", "num_calibration_samples", "alpha_init", "alpha_schedule", "alpha_final", "alpha_min", "alpha_max",
+    "delta", "alpha_update_interval", "l1_ratio_threshold", "loss_tolerance", "regularization", "mask_learning_rate",
+    "recovery_steps", "gmp_interval", "gmp_start_step", "gmp_initial_sparsity", "beta", "init"}
+FINETUNE_CARDS = {
+    False: ("Sparse fine-tuning (every zero kept)",
+            "Fine-tuned from an already sparse model: every weight of the sparsified layers that was zero stayed "
+            "exactly zero (re-applied after each optimizer step, Adam's state included); nothing else was pruned."),
+    True: ("Sparse LoRA fine-tuning, merged through the keep-mask (every zero kept)",
+           "Fine-tuned from an already sparse model with LoRA adapters on its frozen weights, merged through the "
+           "model's keep-mask, W + (B·A·scaling) ⊙ (W ≠ 0) (as in SQFT / PERP): the merged model has exactly "
+           "the zeros of the model it started from.")}
 KEEP_MASKS_ATTR = "pilot_keep_masks"  # a plain attribute of the PeftModel: never a parameter or buffer
 DEFAULT_ADAPTER = "default"
 
@@ -168,3 +184,21 @@ def merge_sparse_lora(peft_model: nn.Module, keep_masks: dict[str, torch.Tensor]
     if hasattr(peft_model, KEEP_MASKS_ATTR):
         object.__delattr__(peft_model, KEEP_MASKS_ATTR)
     return model
+
+
+def train_sparse_lora(model: nn.Module, lora_config, args, *, resume_from_checkpoint: str | None = None,
+                      adapter_dir: str | None = None, **trainer_kwargs):
+    """Train LoRA adapters on the frozen sparse `model` with a plain `transformers.Trainer` (`args`: its
+    TrainingArguments; `trainer_kwargs`: train_dataset, data_collator, ...), then merge them through the
+    keep-mask. Returns (the merged, exactly sparse model, the trainer, train()'s output). The adapters' random
+    init is seeded with `args.seed`, so a run (and its resume) is reproducible. `adapter_dir`: also save the
+    trained adapter there (PeftModel.from_pretrained), before the merge."""
+    from transformers import Trainer, set_seed
+
+    set_seed(args.seed)
+    peft_model = prepare_sparse_lora(model, lora_config)
+    trainer = Trainer(model=peft_model, args=args, **trainer_kwargs)
+    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if adapter_dir is not None and trainer.is_world_process_zero():
+        peft_model.save_pretrained(adapter_dir)
+    return merge_sparse_lora(peft_model), trainer, output
