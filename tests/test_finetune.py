@@ -264,13 +264,14 @@ def test_full_finetune_with_distillation_keeps_zeros(tiny_dir, pruned_dirs, tmp_
     assert settings["distill_logit_weight"] == 1.0 and settings["sparsity_pattern"] == "2:4"
 
 
-def test_given_keys_reads_flags_and_config(tmp_path):
-    from pilot_hf.commands.finetune import given_keys
+def test_the_parser_returns_the_keys_the_user_set(tmp_path):
+    from pilot_hf.commands import command_module, parse_command_line
 
     config = tmp_path / "run.yaml"
-    config.write_text("sparsity: 0.5\nlearning_rate: 1.0e-4\n")
-    assert given_keys(["--config", str(config), "--lora-r=8", "--method", "finetune"]) == {
-        "config", "sparsity", "learning_rate", "lora_r", "method"}
+    config.write_text("sparsity: 0.5\nlearning_rate: 1.0e-4\ndataset_name: builtin:kjv\n")
+    _, command_line = parse_command_line("finetune", ["--config", str(config), "--lora-r=8", "--method", "finetune"],
+                                         command_module("finetune").ARGUMENTS)
+    assert command_line.given == {"sparsity", "learning_rate", "dataset_name", "lora_r", "method"}
 
 
 def _lora_weights(folder):
