@@ -15,7 +15,7 @@ from dataclasses import asdict
 from transformers import default_data_collator
 
 from ..data import DataArguments, prepare_lm_datasets
-from ..distillation import check_teacher_memory
+from ..distillation import Teacher, check_teacher_memory
 from ..evaluation import EvalArguments
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..lora import FINETUNE_CARDS, FINETUNE_UNUSED_SETTINGS, check_sparse, count_zeros, train_sparse_lora
@@ -47,20 +47,16 @@ def finetune_training_args(args: PILoTTrainingArguments, ft_args: FinetuneArgume
         raise ValueError(f"pilot-hf finetune keeps the model's own zeros and prunes nothing (method finetune, "
                          f"sparsity 0, keep_zeros), so {', '.join(wrong)} does not apply: drop it. To prune, use "
                          "`pilot-hf oneshot` or `pilot-hf compress` first, then fine-tune the result.")
-    asked_to_distil = any(key in given and getattr(args, key) > 0 for key in _DISTILL_WEIGHTS)
     if ft_args.lora:
-        refused = [name for name, on in (("distillation (--teacher_model_name_or_path)", args.teacher_model_name_or_path),
-                                         ("--weight_learning_rate", args.weight_learning_rate is not None),
+        refused = [name for name, on in (("--weight_learning_rate", args.weight_learning_rate is not None),
                                          ("--tensorwise_second_moment", args.tensorwise_second_moment)) if on]
-        if asked_to_distil:
-            refused.insert(0, "distillation (--distill_logit_weight / --distill_feature_weight)")
         if refused:
-            raise ValueError(f"--lora does not support {', '.join(refused)} yet (LoRA trains the adapters with a "
-                             "plain transformers Trainer). Drop it, or fine-tune in full mode (without --lora), "
-                             "which supports it.")
+            raise ValueError(f"--lora does not support {', '.join(refused)} (LoRA trains only the adapters, with "
+                             "AdamW). Drop it, or fine-tune in full mode (without --lora), which supports it.")
     elif any(k in given for k in _LORA_ONLY):
         raise ValueError(f"{', '.join('--' + k for k in _LORA_ONLY if k in given)} only apply with --lora; add "
                          "--lora or drop them.")
+    asked_to_distil = any(key in given and getattr(args, key) > 0 for key in _DISTILL_WEIGHTS)
     if asked_to_distil and not args.teacher_model_name_or_path:
         # The default teacher is the model as given, which here is the sparse model itself: no teacher at all.
         raise ValueError("distillation in pilot-hf finetune needs a dense teacher: the model given is already "
@@ -102,8 +98,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
         data = dict(train_dataset=lm_data["train"], eval_dataset=lm_data.get("validation"), processing_class=tokenizer,
                     data_collator=default_data_collator)
         if ft_args.lora:
+            teacher = Teacher.from_pretrained(training_args.teacher_model_name_or_path, training_args.teacher_dtype) \
+                if training_args.distills else None
             model, trainer, train_output = train_sparse_lora(
-                model, ft_args.lora_config(model, config), training_args, resume_from_checkpoint=resume,
+                model, ft_args.lora_config(model, config), training_args, teacher=teacher, resume_from_checkpoint=resume,
                 adapter_dir=output.staging / "adapter" if ft_args.save_adapter else None, **data)
             if is_main:
                 model.save_pretrained(output.staging)
