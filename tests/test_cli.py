@@ -144,7 +144,7 @@ def test_help_shows_the_defaults_the_run_records(capsys):
 
 def test_demo_sets_only_model_data_output_and_budget(tmp_path):
     from pilot_hf import PILoTTrainingArguments
-    from pilot_hf.commands.parser import DEMO_DEFAULTS
+    from pilot_hf.assets import DEMO_DEFAULTS
 
     assert set(DEMO_DEFAULTS) <= {"model_name_or_path", "dataset_name", "block_size", "validation_split_percentage",
                                   "output_dir", "max_steps", "num_calibration_samples", "eval_max_tokens"}

@@ -16,31 +16,15 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from ..assets import DEMO_MODEL
+from ..assets import DEMO_DEFAULTS
 
 
 class UsageError(ValueError):
     """Bad command-line input; the message says what was wrong and how to fix it."""
 
 
-# The main job: SmolLM2-135M on built-in offline text to 50% sparsity, in minutes on 2 CPU cores. Only what
-# the demo chooses (model, data, output folder, budget); the recipe is PILoTTrainingArguments' defaults.
-# configs/demo_cpu.yaml holds the same values (a test keeps them equal).
-DEMO_DEFAULTS = {
-    "model_name_or_path": DEMO_MODEL,
-    "dataset_name": "builtin:kjv",
-    "block_size": 256,
-    "validation_split_percentage": 0.0,
-    "output_dir": "outputs/smollm2-135m-pilot-50",
-    "max_steps": 16,
-    "num_calibration_samples": 16,
-    "eval_max_tokens": 6144,
-}
-
-
 def _redacted(text: str) -> str:
     from ..runs import redact_argv  # lazily: `pilot-hf --help` should not import the trainer
-
     return redact_argv([text])[0]
 
 
@@ -55,15 +39,13 @@ class CommandLine:
 NO_COMMAND_LINE = CommandLine()  # a command run from Python: nothing typed, nothing given
 
 
-def _yaml_error(path: Path, err: Exception) -> UsageError:
+def _yaml_error(path: Path, err: yaml.YAMLError) -> UsageError:
     """Where and what, never the offending line itself (PyYAML quotes it; it may be `hub_token: hf_...`)."""
     mark = getattr(err, "problem_mark", None)
-    what = "; ".join(str(part) for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
-    if mark is None or not what:
-        what = type(err).__name__
+    what = "; ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return UsageError(_redacted(f"--config {path} is not valid YAML{where}: {what}. Fix that line (quote values "
-                                "that hold ':' or '#')."))
+    return UsageError(_redacted(f"--config {path} is not valid YAML{where}: {what or type(err).__name__}. Fix that "
+                                "line (quote values that hold ':' or '#')."))
 
 
 def _read_config(path: Path, dests: set[str], command: str) -> dict:
@@ -73,7 +55,7 @@ def _read_config(path: Path, dests: set[str], command: str) -> dict:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise _yaml_error(path, err) from None
-    except UnicodeDecodeError:
+    except UnicodeDecodeError:  # its message quotes no text
         raise UsageError(f"--config {path} is not UTF-8 text; save it as UTF-8.") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of argument names to values.")
