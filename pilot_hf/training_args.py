@@ -91,7 +91,7 @@ class PILoTTrainingArguments(TrainingArguments):
         metadata={"help": "Start from a one-shot pruned model instead of the dense one (docs/METHOD.md section 2): "
                   "'wanda' (default), 'sparsegpt' or 'magnitude', at the target sparsity and pattern, calibrated on "
                   "num_calibration_samples blocks of the training data; pruned weights start at 0 and may regrow. "
-                  "'none': from the dense model (needed with sparsity 0 and method gmp)."},
+                  "'none': from the dense model (needed with sparsity 0; method gmp means to start dense too)."},
     )
     num_calibration_samples: int = field(
         default=32, metadata={"help": "Training blocks used as calibration data by a wanda/sparsegpt warm start."})
