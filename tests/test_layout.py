@@ -43,7 +43,7 @@ LEVELS = {
     "runs": 1,  # the output protocol and checkpoint bookkeeping: below serialization and the trainer, which use it
     "metrics": 1,  # the `evaluate` metric script (metrics/perplexity/perplexity.py) wraps evaluation.perplexity
     # L2
-    "oneshot": 2, "serialization": 2, "hub": 2, "loading": 2, "lora": 2,
+    "oneshot": 2, "serialization": 2, "hub": 2, "loading": 2, "lora": 2, "patterns": 2,
     "_transformers_sparse": 2,  # serialization's Transformers plug-in: it imports serialization's format code
     # L3
     "training_args": 3, "schedule": 3, "trainer": 3,

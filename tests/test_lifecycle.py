@@ -366,21 +366,21 @@ def test_signal_keeps_checkpoints_and_names_them(tiny_dir, tmp_path, sig, code, 
 # ----- 5. a finished training is never thrown away -----------------------------------------------------------
 
 def test_trained_model_is_kept_when_evaluation_fails(tiny_dir, tmp_path, monkeypatch, caplog, capsys):  # noqa: F811
-    from pilot_hf.commands import compress
+    from pilot_hf.commands import compress, report
 
-    real, calls = compress.evaluate_model, []
+    real, calls = report.evaluate_model, []
 
-    def evaluate_model(*args, **kwargs):  # the dense evaluation works; the one after training runs out of memory
-        calls.append(1)
-        if len(calls) > 1:
+    def evaluate_model(*args, **kwargs):  # the dense and one-shot start evaluations work; the one after training
+        calls.append(1)                   # runs out of memory
+        if len(calls) > 2:
             raise RuntimeError("out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compress, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(report, "evaluate_model", evaluate_model)
     out, staging = tmp_path / "o", tmp_path / ".o.partial"
     with pytest.raises(RuntimeError, match="out of memory"):  # not a user error: a traceback, exit 1 in a shell
         main(["compress", *_flags(tiny_dir, out)])
-    assert len(calls) == 2 and not out.exists()
+    assert len(calls) == 3 and not out.exists()
     assert not (tmp_path / "o-checkpoints").exists()  # Trainer made it, saved nothing there: removed
     assert (staging / "model.safetensors").is_file() and (staging / "config.json").is_file()
     assert f"the trained model is saved in {staging}" in caplog.text

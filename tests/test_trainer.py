@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_inputs, tiny_model
+from conftest import PLAIN_TRAINING, tiny_inputs, tiny_model
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -24,7 +24,7 @@ def arithmetic_dataset(n=64, length=32, seed=0):
 
 
 def make_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
+    base = dict(**PLAIN_TRAINING, output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
                 logging_steps=5, report_to=[], save_strategy="no", alpha_update_interval=5, use_cpu=True,
                 seed=0, data_seed=0)
     base.update(kw)

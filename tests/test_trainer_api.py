@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import PLAIN_TRAINING, tiny_model
 from test_trainer import arithmetic_dataset
 from transformers import TrainerCallback, TrainingArguments
 
@@ -34,7 +34,7 @@ COMMON = dict(per_device_train_batch_size=8, report_to=[], use_cpu=True, disable
 
 
 def make_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), max_steps=8, learning_rate=1e-3, logging_steps=4,
+    base = dict(**PLAIN_TRAINING, output_dir=str(tmp_path / "out"), max_steps=8, learning_rate=1e-3, logging_steps=4,
                 save_strategy="no", alpha_update_interval=4, **COMMON)
     base.update(kw)
     return PILoTTrainingArguments(**base)
@@ -62,8 +62,10 @@ def test_plain_training_arguments_are_converted_and_train_to_the_default_sparsit
     assert (args.learning_rate, args.max_steps, args.seed, args.output_dir) == (2e-3, 6, 7, plain.output_dir)
     assert args.per_device_train_batch_size == 8 and args.hub_token == TOKEN
     for name in ("method", "warm_start", "sparsity", "sparsity_pattern", "alpha_init", "alpha_schedule", "delta",
-                 "mask_learning_rate", "recovery_steps", "beta", "init", "target_modules", "regularization"):
+                 "mask_learning_rate", "beta", "init", "target_modules", "regularization", "lm_loss_weight",
+                 "distill_logit_weight", "distill_feature_weight"):
         assert getattr(args, name) == getattr(defaults, name), name
+    assert args.recovery_steps == 6 // 4  # the default is a share of the budget (a quarter of max_steps)
     assert args.sparsity == 0.5 and args.method == "pilot"
     assert TOKEN.encode() not in pickle.dumps(args)
     trainer.train()

@@ -170,7 +170,8 @@ CASES = [
     ("teacher_dtype-bad", lambda t, b, o: ["compress", *_flags(t, o, "--distill_logit_weight", 1, "--teacher_dtype",
                                                                "int8")],
      "teacher_dtype='int8'", False),
-    ("lm_loss_weight-0-without-distillation", lambda t, b, o: ["compress", *_flags(t, o, "--lm_loss_weight", 0)],
+    ("lm_loss_weight-0-without-distillation", lambda t, b, o: ["compress", *_flags(
+        t, o, "--lm_loss_weight", 0, "--distill_logit_weight", 0, "--distill_feature_weight", 0)],
      "lm_loss_weight=0 leaves no loss", False),
     ("distill-weight-negative", lambda t, b, o: ["compress", *_flags(t, o, "--distill_feature_weight", -0.5)],
      "distill_feature_weight=-0.5", False),
@@ -229,7 +230,8 @@ CASES = [
     ("sweep-sparsity-bad", lambda t, b, o: _sweep(t, o, "--sparsities", "1.5"), "strictly between 0 and 1", False),
     ("sweep-oneshot-plus-trained", lambda t, b, o: _sweep(t, o, "--methods", "wanda+pilot"), "unknown method",
      False),
-    ("sweep-trained-without-max_steps", lambda t, b, o: _sweep(t, o, "--methods", "pilot"), "max_steps", False),
+    ("sweep-trained-without-max_steps", lambda t, b, o: _sweep(t, o, "--methods", "pilot", "--max_steps", -1),
+     "max_steps", False),
     # --- push
     ("push-repo_id-missing", lambda t, b, o: ["push", str(t / "model")],
      "the following arguments are required: --repo_id", False),

@@ -21,9 +21,9 @@ import os
 import signal
 import sys
 
-from .parser import UsageError, parse
+from .parser import CommandLine, UsageError, parse, parse_command_line
 
-__all__ = ["COMMANDS", "UsageError", "command_module", "main", "parse"]
+__all__ = ["COMMANDS", "CommandLine", "UsageError", "command_module", "main", "parse", "parse_command_line"]
 
 COMMANDS = ("compress", "oneshot", "finetune", "evaluate", "sweep", "push")
 
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         module = command_module(command)
-        args = parse(command, rest, module.ARGUMENTS, module.HELP)
-        result = module.run(*args, argv=rest)
+        args, command_line = parse_command_line(command, rest, module.ARGUMENTS, module.HELP)
+        result = module.run(*args, argv=command_line)
         return result if isinstance(result, int) else 0
     except (UsageError, ValueError, OSError) as err:  # bad input: one paragraph (PILOT_DEBUG=1: traceback)
         if os.environ.get("PILOT_DEBUG"):

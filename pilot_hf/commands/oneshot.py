@@ -6,21 +6,21 @@ import time
 from dataclasses import asdict
 
 from ..data import calibration_samples, check_text_file
-from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
-from ..hub import card_info_for_run, write_model_card
+from ..evaluation import EvalArguments
 from ..loading import ModelArguments, base_model_id, check_model_source, load_model
 from ..oneshot import OneShotArguments, oneshot_prune
-from ..runs import OutputFolder, write_json
+from ..runs import OutputFolder
 from .arguments import OutputArguments
-from .report import card_results, card_task_results, run_record, summary_table, task_table
+from .parser import NO_COMMAND_LINE, CommandLine
+from .report import finish, scores_before
 
 HELP = "One-shot pruning (magnitude, Wanda, SparseGPT), evaluate and save."
 ARGUMENTS = (ModelArguments, OneShotArguments, EvalArguments, OutputArguments)
 
 
 def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalArguments,
-        out_args: OutputArguments, argv: list[str] = ()) -> dict:
-    start = time.perf_counter()
+        out_args: OutputArguments, argv: CommandLine = NO_COMMAND_LINE) -> dict:
+    started_at = time.perf_counter()
     output = OutputFolder(out_args.output_dir, out_args.overwrite_output_dir)
     if os_args.sparsity_pattern == "global" and os_args.method.lower() != "magnitude":  # oneshot_prune's rule, now
         raise ValueError(f"{os_args.method} compares scores within a layer (or row); pattern 'global' is only "
@@ -32,8 +32,7 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
     eval_args.check_sources()
     with output:
         model, tokenizer = load_model(model_args)
-        dense = None if eval_args.skip_dense_eval else evaluate_model(model, tokenizer, eval_args)
-        dense_tasks = None if eval_args.skip_dense_eval else evaluate_model_tasks(model, tokenizer, eval_args)
+        dense = scores_before(model, tokenizer, eval_args)
         calibration = None
         if os_args.calibrates:
             calibration = calibration_samples(tokenizer, os_args.calibration_data(), os_args.num_calibration_samples,
@@ -42,22 +41,10 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
                                pattern=os_args.sparsity_pattern)
         model.save_pretrained(output.staging)
         tokenizer.save_pretrained(output.staging)
-        sparse = evaluate_model(model, tokenizer, eval_args)
-        sparse_tasks = evaluate_model_tasks(model, tokenizer, eval_args)
-        metrics = {"dense": dense, "sparse": sparse, "prune_time_s": report.prune_time_s,
-                   "elapsed_s": time.perf_counter() - start,
-                   **({"tasks": {"dense": dense_tasks, "sparse": sparse_tasks}} if eval_args.tasks else {})}
-        record = run_record("oneshot", argv, model=asdict(model_args), eval=asdict(eval_args),
-                            settings=os_args.run_settings())
-        sparsity_report = {"layers": report.layers, "total": report.total}
-        write_json(output.staging / "sparsity_report.json", sparsity_report)
-        write_json(output.staging / "metrics.json", metrics)
-        write_json(output.staging / "run_config.json", record)
-        write_model_card(output.staging, card_info_for_run(
-            record["settings"], sparsity_report, base_model=base_model_id(model_args, model),
-            results=card_results(dense, sparse), command=record["command"],
-            task_results=card_task_results(dense_tasks, sparse_tasks)))
-    if sparse_tasks:
-        print(task_table(dense_tasks, sparse_tasks))
-    print(summary_table(dense, sparse, report.total["sparsity"], output.final, time.perf_counter() - start))
-    return metrics
+        results = finish(output.staging, "oneshot", argv, model, tokenizer, eval_args, started_at=started_at,
+                         before=dense, sparsity_report={"layers": report.layers, "total": report.total},
+                         settings=os_args.run_settings(), metrics={"prune_time_s": report.prune_time_s},
+                         inputs={"model": asdict(model_args), "eval": asdict(eval_args)},
+                         card={"base_model": base_model_id(model_args, model)})
+    print(results.tables(output.final))
+    return results.metrics

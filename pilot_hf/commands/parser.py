@@ -1,54 +1,51 @@
 """The one parser of every `pilot-hf` subcommand: Transformers' `HfArgumentParser` over the command's dataclasses.
 
-Values come from (later wins): the dataclass defaults, the demo defaults (`compress` without a model only),
-the YAML file of --config, the command line. Unknown flags or YAML keys are errors; a YAML syntax error or
-a value of the wrong type is one paragraph, not a traceback.
+Values come from (later wins): the dataclass defaults (the recipe, shown by --help), the demo's model, data,
+output folder and budget (`compress` without a model only), the YAML file of --config, the command line.
+Unknown flags or YAML keys are errors; a YAML syntax error or a value of the wrong type is one paragraph, not
+a traceback, and never echoes the file's text (it may hold a token).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from ..assets import DEMO_MODEL
+from ..assets import DEMO_DEFAULTS
 
 
 class UsageError(ValueError):
     """Bad command-line input; the message says what was wrong and how to fix it."""
 
 
-# The main job: SmolLM2-135M on built-in offline text to 50% sparsity, in minutes on 2 CPU cores.
-# configs/demo_cpu.yaml holds the same values (a test keeps them equal).
-DEMO_DEFAULTS = {
-    "model_name_or_path": DEMO_MODEL,
-    "dataset_name": "builtin:kjv",
-    "block_size": 256,
-    "validation_split_percentage": 0.0,
-    "output_dir": "outputs/smollm2-135m-pilot-50",
-    "sparsity": 0.5,
-    "warm_start": "wanda",
-    "num_calibration_samples": 16,
-    "max_steps": 24,
-    "recovery_steps": 8,
-    "per_device_train_batch_size": 4,
-    "learning_rate": 1e-4,
-    "mask_learning_rate": 1e-3,
-    "alpha_init": 1e-4,
-    "alpha_update_interval": 4,
-    "lr_scheduler_type": "constant",
-    "warmup_steps": 0,
-    "logging_steps": 4,
-    "save_strategy": "no",
-    "report_to": "none",
-    "eval_texts": ["kjv", "pydoc"],
-    "eval_max_tokens": 6144,
-    "use_cpu": True,
-}
+def _redacted(text: str) -> str:
+    from ..runs import redact_argv  # lazily: `pilot-hf --help` should not import the trainer
+    return redact_argv([text])[0]
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """What the user typed after the command name, and the argument names it set (as flags or --config keys)."""
+
+    argv: tuple[str, ...] = ()
+    given: frozenset[str] = frozenset()
+
+
+NO_COMMAND_LINE = CommandLine()  # a command run from Python: nothing typed, nothing given
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> UsageError:
+    """Where and what, never the offending line itself (PyYAML quotes it; it may be `hub_token: hf_...`)."""
+    mark = getattr(err, "problem_mark", None)
+    what = "; ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return UsageError(_redacted(f"--config {path} is not valid YAML{where}: {what or type(err).__name__}. Fix that "
+                                "line (quote values that hold ':' or '#')."))
 
 
 def _read_config(path: Path, dests: set[str], command: str) -> dict:
@@ -56,8 +53,10 @@ def _read_config(path: Path, dests: set[str], command: str) -> dict:
         raise UsageError(f"--config {path}: no such file.")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UsageError(f"--config {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except yaml.YAMLError as err:
+        raise _yaml_error(path, err) from None
+    except UnicodeDecodeError:  # its message quotes no text
+        raise UsageError(f"--config {path} is not UTF-8 text; save it as UTF-8.") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected a mapping of argument names to values.")
     unknown = sorted(set(values) - dests)
@@ -65,6 +64,16 @@ def _read_config(path: Path, dests: set[str], command: str) -> dict:
         raise UsageError(f"--config {path}: unknown key(s) {unknown}. Keys are the flag names without '--' "
                          f"(see `pilot-hf {command} --help`).")
     return values
+
+
+def _check_whole_numbers(values: dict, types: dict, path: str) -> None:
+    """argparse converts only strings; a YAML float for an integer field would reach the dataclass as a float
+    and fail late (after the model is loaded). Checked here, with the key named."""
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        if types.get(key) is int and any(isinstance(v, float) or isinstance(v, bool) for v in items):
+            raise UsageError(f"--config {path}: {key} takes a whole number, got {value!r}. Write it without a "
+                             "decimal point (e.g. 32).")
 
 
 def build_parser(command: str, classes: tuple, description: str) -> HfArgumentParser:
@@ -77,26 +86,43 @@ def build_parser(command: str, classes: tuple, description: str) -> HfArgumentPa
     return parser
 
 
+def _flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the flags present in argv, by the parser's own table (so --model-name-or-path counts)."""
+    table = parser._option_string_actions
+    return {table[flag].dest for flag in (a.split("=", 1)[0] for a in argv if a.startswith("--")) if flag in table}
+
+
 def parse(command: str, argv: list[str], classes: tuple, description: str = "") -> tuple:
-    """`argv` -> one instance of each of `classes`: defaults < demo defaults < --config YAML < flags."""
+    """`argv` -> one instance of each of `classes` (see `parse_command_line`)."""
+    return parse_command_line(command, argv, classes, description)[0]
+
+
+def parse_command_line(command: str, argv: list[str], classes: tuple, description: str = "") -> tuple[tuple, CommandLine]:
+    """`argv` -> (one instance of each of `classes`, the CommandLine): defaults < demo < --config YAML < flags."""
     def error(message):  # instead of argparse's usage (hundreds of TrainingArguments flags) and exit
-        raise UsageError(f"{message}. See `pilot-hf {command} --help` for the flags.")
+        raise UsageError(f"{_redacted(message)}. See `pilot-hf {command} --help` for the flags.")
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     pre.error = error
     known, rest = pre.parse_known_args(argv)
+    if command == "compress":
+        demo = ", ".join(f"{k}={v}" for k, v in DEMO_DEFAULTS.items())
+        description = f"{description} Without --model_name_or_path it runs the demo: the defaults below with {demo}."
     parser = build_parser(command, classes, description)
     parser.error = error
     dests = {f.name for cls in classes for f in fields(cls) if f.init}
     values = _read_config(Path(known.config), dests, command) if known.config else {}
-    given_model = values.get("model_name_or_path") or any(  # HfArgumentParser takes the dashed spelling too
-        a.split("=", 1)[0] in ("--model_name_or_path", "--model-name-or-path") for a in rest)
-    if command == "compress" and not given_model:
+    types = {a.dest: a.type for a in parser._actions}
+    _check_whole_numbers(values, types, known.config)
+    flags = _flags_given(parser, rest)
+    given = frozenset(set(values) | flags)
+    # --help shows the defaults a user's own model gets; the demo's choices are named in the description.
+    wants_help = any(a in ("-h", "--help") for a in rest)
+    if command == "compress" and "model_name_or_path" not in given and not wants_help:
         values = {**DEMO_DEFAULTS, **values}
     # YAML 1.1 reads an unquoted `no` / `yes` as a bool; for a field that takes a string (save_strategy: no)
     # give the word back.
-    types = {a.dest: a.type for a in parser._actions}
     values = {k: ("yes" if v else "no") if isinstance(v, bool) and types.get(k) is not string_to_bool else v
               for k, v in values.items()}
     parser.set_defaults(**values)
@@ -109,12 +135,14 @@ def parse(command: str, argv: list[str], classes: tuple, description: str = "") 
         if exit_.code:
             raise UsageError("invalid arguments (see the message above).") from None
         raise
-    if unknown:
-        from ..runs import redact_argv  # a token given to a command that takes none is never echoed
+    if unknown:  # a token given to a command that takes none is never echoed
+        from ..runs import redact_argv
 
         raise UsageError(f"unknown argument(s) {redact_argv(unknown)}. See `pilot-hf {command} --help` for the flags; "
                          "flag names use underscores, as in Transformers (e.g. --model_name_or_path).")
     try:
-        return tuple(cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if f.init}) for cls in classes)
+        arguments = tuple(cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if f.init})
+                          for cls in classes)
     except (ValueError, TypeError) as err:  # validation in the dataclasses' __post_init__
-        raise UsageError(str(err)) from err
+        raise UsageError(_redacted(str(err))) from err
+    return arguments, CommandLine(tuple(argv), given)
