@@ -4,7 +4,7 @@ Pipeline: wrap (mask ⊙ weight) -> train (time-varying regularization) -> prune
 The `pilot-hf` command line (pilot_hf.commands) is a thin layer over these names.
 """
 
-from . import serialization  # noqa: F401  (registers the compressed format with Transformers' from_pretrained)
+from .card import CardInfo, card_info_for_run, render_model_card, write_model_card
 from .config import PILoTConfig
 from .data import EVALUATION_TEXTS, DataArguments, calibration_samples, evaluation_tokens, prepare_lm_datasets
 from .evaluation import (
@@ -15,7 +15,7 @@ from .evaluation import (
     load_perplexity_metric,
     perplexity,
 )
-from .hub import CardInfo, card_info_for_run, push_to_hub, render_model_card, write_model_card
+from .hub import push_to_hub
 from .layers import MaskedLinear, pilot_init
 from .loading import ModelArguments, load_model
 from .methods import MethodSpec
@@ -30,10 +30,11 @@ from .oneshot import (
 )
 from .pruning import SparsityPattern, apply_keep_mask, keep_mask, keep_masks
 from .regularization import AlphaController
-from .serialization import compress_checkpoint, load_compressed, save_compressed
+from .serialization import compress_checkpoint, load_compressed, register_with_transformers, save_compressed
 from .sweep import SweepArguments
 from .trainer import PILoTTrainer, latest_checkpoint
 from .training_args import PILoTTrainingArguments
+from .version import __version__
 from .wrapping import (
     find_target_layers,
     is_wrapped,
@@ -45,9 +46,13 @@ from .wrapping import (
     wrap_model,
 )
 
-__version__ = "0.2.0"
+# Importing pilot_hf registers the compressed format with Transformers' from_pretrained (False, with a warning,
+# when this Transformers lacks the private API it needs; load_compressed works either way).
+HOOK_REGISTERED = register_with_transformers()
 
 __all__ = [
+    "__version__",
+    "HOOK_REGISTERED",
     "EVALUATION_TEXTS",
     "EvalArguments",
     "MethodSpec",

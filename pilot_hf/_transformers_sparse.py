@@ -1,11 +1,12 @@
 """The pilot_sparse format as a Transformers quantization method, so that
 `AutoModelForCausalLM.from_pretrained(path)` reads compressed checkpoints once `pilot_hf` is imported
-(see serialization.py for the format).
+(see sparse_format.py for the format).
 
 This is the only pilot-hf module that imports private Transformers APIs (`core_model_loading`, `quantizers`,
-`utils.quantization_config`). serialization.py imports it inside a guard at import time: if a Transformers
-release renames them, only this route is lost (with a warning); training, saving and `load_compressed` do not
-depend on it.
+`utils.quantization_config`). `serialization.register_with_transformers`, which `import pilot_hf` calls, imports
+it inside a guard: if a Transformers release renames them, only this route is lost (with a warning); training,
+saving and `load_compressed` do not depend on it. It imports the format from `sparse_format`, never from
+`serialization` (no circle).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .serialization import (
+from .sparse_format import (
     BIT_ORDER,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -109,7 +110,7 @@ class PilotSparseHfQuantizer(HfQuantizer):
 
     def update_attn_implementation(self, config):
         # Called with the model config after this quantizer was chosen and before the weight files are looked up:
-        # the guard that stops Transformers without pilot_hf (serialization.LOADER_GUARD) is no file to load.
+        # the guard that stops Transformers without pilot_hf (sparse_format.LOADER_GUARD) is no file to load.
         if getattr(config, TRANSFORMERS_WEIGHTS, None) == LOADER_GUARD:
             delattr(config, TRANSFORMERS_WEIGHTS)
         return super().update_attn_implementation(config)

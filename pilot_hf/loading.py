@@ -6,17 +6,15 @@ describing a causal LM) is checked first, so a wrong model fails in a second, no
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .assets import DEMO_MODEL, is_offline, load_demo_model
+from .naming import is_hub_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Class-name endings of Transformers' causal-LM heads (LlamaForCausalLM, GPT2LMHeadModel, ...).
 _CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
 
@@ -64,7 +62,7 @@ def check_model_source(args: ModelArguments) -> None:
 
         check_weight_files(path)  # cut-off weight files, compressed parts without their config: refused now
         return
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1) or not _HUB_ID.match(name):
+    if not is_hub_id(name):  # huggingface_hub's rule: no local path shape passes it
         raise ValueError(f"model path {name!r} does not exist. Give an existing model folder, a Hub id "
                          f"(namespace/name), or '{DEMO_MODEL}'.")
     if is_offline():

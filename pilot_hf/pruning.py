@@ -61,6 +61,14 @@ class SparsityPattern:
         check_sparsity(sparsity)
         return float(sparsity)
 
+    def check_method(self, method: str, who: str | None = None) -> None:
+        """'global' ranks the scores of every layer together, which is meaningful only for weight magnitudes
+        (Wanda's and SparseGPT's scores compare within a layer or row): the one place this rule lives. `who`
+        names the caller in the message (default: the method)."""
+        if self.kind == "global" and method != "magnitude":
+            raise ValueError(f"{who or method} compares scores within a layer (or row); pattern 'global' is only "
+                             "meaningful for magnitude. Use 'unstructured', 'row' or N:M.")
+
     def check_shape(self, name: str, shape: tuple[int, int]) -> None:
         if self.is_nm and shape[1] % self.m:
             raise ValueError(f"pattern {self} needs in_features divisible by {self.m}, but {name} has "

@@ -46,8 +46,6 @@ PILOT_STATE_NAME = "pilot_state.json"
 # A complete PILoTTrainer checkpoint holds these (pilot_state.json is written last, atomically).
 CHECKPOINT_FILES = ("trainer_state.json", PILOT_STATE_NAME)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_SECRET = re.compile(r"(hf_[A-Za-z0-9]{10,})")
-_SECRET_FLAG = re.compile(r"^--(hub_token|hub-token|token)(=.*)?$")  # HfArgumentParser also takes --hub-token
 # How a full disk shows: OSError ENOSPC/EDQUOT, or the text torch (PytorchStreamWriter) and safetensors (Rust
 # IoError) raise it as.
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -68,23 +66,6 @@ def peak_memory_bytes(device=None) -> int:
 
 class OutputError(ValueError):
     """The output folder cannot be used as asked; the message says why and what to do."""
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """argv with token values (after --hub_token/--token, or anything shaped like an hf_ token) replaced."""
-    out, hide_next = [], False
-    for arg in argv:
-        if hide_next:
-            out.append("<redacted>")
-            hide_next = False
-            continue
-        match = _SECRET_FLAG.match(arg)
-        if match:
-            out.append(f"--{match.group(1)}=<redacted>" if match.group(2) else arg)
-            hide_next = not match.group(2)
-            continue
-        out.append(_SECRET.sub("<redacted>", arg))
-    return out
 
 
 def write_json(path: Path, data, replace: bool = True) -> None:

@@ -135,8 +135,7 @@ def run_cell(base_model, tokenizer, spec: MethodSpec, sparsity_spec: str, traini
             trainer = PILoTTrainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator)
             trainer.train()
         model = trainer.model
-        extra = {"tokens_trained": args.max_steps * args.train_batch_size * args.gradient_accumulation_steps
-                 * len(blocks[0]["input_ids"]),
+        extra = {"tokens_trained": args.tokens_trained(trainer.state.global_step, len(blocks[0]["input_ids"])),
                  "train_log": [h for h in trainer.state.log_history if "loss" in h],
                  "alpha_history": trainer.controller.history if trainer.controller else []}
     elif spec.oneshot:

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .card import CardInfo, card_info_for_run, write_model_card
 from .config import PILoTConfig
 from .data import calibration_blocks, check_same_data, data_fingerprint
 from .distillation import Teacher, distillation_loss, lm_loss_value
-from .hub import CardInfo, card_info_for_run, write_model_card
 from .loading import check_same_vocabulary
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW

@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .config import ALL_LINEAR, PILoTConfig
-from .methods import CALIBRATED_METHODS, check_trained_method, check_warm_start
+from .methods import check_trained_method, check_warm_start
 from .pruning import SparsityPattern
 from .regularization import SCHEDULES
 
@@ -247,9 +247,8 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError(f"warm_start={self.warm_start!r} prunes to the target sparsity first; give a sparsity, "
                              "or warm_start=None ('none' on the command line) to train without pruning.")
         self._resolve_budget_shares()
-        if self.warm_start in CALIBRATED_METHODS and pattern.kind == "global":
-            raise ValueError(f"a {self.warm_start} warm start compares scores within a layer; pattern 'global' is "
-                             "only available to magnitude. Use 'unstructured', 'row' or N:M.")
+        if self.warm_start:
+            pattern.check_method(self.warm_start, f"a {self.warm_start} warm start")
         if self.method == "gmp":
             if not self.prunes or pattern.is_nm:
                 raise ValueError("method='gmp' raises the sparsity gradually to a target: give a sparsity > 0 with an "
@@ -393,6 +392,11 @@ class PILoTTrainingArguments(TrainingArguments):
         targets = self.target_regex or self.target_modules or ALL_LINEAR
         return PILoTConfig(target_modules=targets, exclude_modules=self.exclude_modules, beta=self.beta,
                            init=self.init or "pilot")
+
+    def tokens_trained(self, steps: int, block_size: int) -> int:
+        """Tokens trained on by all processes together in `steps` optimizer steps over blocks of `block_size`
+        tokens (per device batch x processes x gradient accumulation): the one formula of every run record."""
+        return steps * self.train_batch_size * self.world_size * self.gradient_accumulation_steps * block_size
 
     def run_settings(self) -> dict:
         """The run settings record (RUN_SETTINGS, and HAM_SETTINGS when ham is on), as plain JSON values."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the dry run's tiny model uses the tests' byte-level tokenizer
+sys.path.insert(0, str(REPO))  # this checkout's pilot_hf (the dry run's tiny model: pilot_hf.testing)
 
 
 class Table:
@@ -106,7 +106,7 @@ def setup(args) -> tuple[int, str]:
 
 def tiny_model(folder: Path) -> tuple[str, str]:
     """The dry run's model (a Llama with shapes 2:4 conversion accepts) and training text."""
-    from conftest import save_tiny_llama
+    from pilot_hf.testing import save_tiny_llama
 
     text = "\n\n".join(f"Verse {i}: and the quick brown fox went over the lazy dog {i % 7} times." for i in range(400))
     save_tiny_llama(folder, text, hidden_size=64, intermediate_size=128, max_position_embeddings=512,

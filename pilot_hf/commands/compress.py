@@ -57,8 +57,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
         training_args.output_dir = str(output.final)
         if is_main:
             (output.staging / "training_args.bin").unlink(missing_ok=True)  # the result: safetensors and JSON
-            tokens = (trainer.state.global_step * training_args.train_batch_size * training_args.world_size
-                      * training_args.gradient_accumulation_steps * len(lm_data["train"][0]["input_ids"]))
+            tokens = training_args.tokens_trained(trainer.state.global_step, len(lm_data["train"][0]["input_ids"]))
             metrics = {"train": train_output.metrics, "sparsity_report_total": trainer.sparsity_report["total"],
                        "alpha_history": trainer.controller.history, "world_size": training_args.world_size,
                        "tokens_trained": tokens}

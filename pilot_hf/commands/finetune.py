@@ -123,6 +123,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
                        "sparsity_before": sparsity_before, "sparsity_report_total": report["total"],
                        "zeros_before": zeros_before, "zeros_after": report["total"]["zeros"],
                        "sparsity_pattern": pattern, "world_size": training_args.world_size,
+                       "tokens_trained": training_args.tokens_trained(trainer.state.global_step,
+                                                                      len(lm_data["train"][0]["input_ids"])),
                        "peak_memory_bytes": peak_memory,
                        "note": "'dense' is the model as given (already sparse), before fine-tuning"}
             title, description = FINETUNE_CARDS[ft_args.lora]

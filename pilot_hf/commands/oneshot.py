@@ -22,9 +22,6 @@ def run(model_args: ModelArguments, os_args: OneShotArguments, eval_args: EvalAr
         out_args: OutputArguments, argv: CommandLine = NO_COMMAND_LINE) -> dict:
     started_at = time.perf_counter()
     output = OutputFolder(out_args.output_dir, out_args.overwrite_output_dir)
-    if os_args.sparsity_pattern == "global" and os_args.method.lower() != "magnitude":  # oneshot_prune's rule, now
-        raise ValueError(f"{os_args.method} compares scores within a layer (or row); pattern 'global' is only "
-                         "meaningful for magnitude. Use 'unstructured', 'row' or N:M.")
     check_model_source(model_args)
     if os_args.calibrates and os_args.calibration_data().train_file is not None:
         check_text_file(os_args.calibration_dataset, "calibration_dataset")  # named as the user gave it

@@ -24,8 +24,8 @@ class UsageError(ValueError):
 
 
 def _redacted(text: str) -> str:
-    from ..runs import redact_argv  # lazily: `pilot-hf --help` should not import the trainer
-    return redact_argv([text])[0]
+    from ..naming import redact  # lazily: `pilot-hf --help` should stay light
+    return redact(text)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def parse_command_line(command: str, argv: list[str], classes: tuple, descriptio
             raise UsageError("invalid arguments (see the message above).") from None
         raise
     if unknown:  # a token given to a command that takes none is never echoed
-        from ..runs import redact_argv
+        from ..naming import redact_argv
 
         raise UsageError(f"unknown argument(s) {redact_argv(unknown)}. See `pilot-hf {command} --help` for the flags; "
                          "flag names use underscores, as in Transformers (e.g. --model_name_or_path).")

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..evaluation import EvalArguments, evaluate_model, evaluate_model_tasks
-from ..runs import redact_argv, write_json
+from ..naming import redact_argv
+from ..runs import write_json
 from .parser import CommandLine
 
 
@@ -54,7 +55,7 @@ def finish(staging: Path, command: str, command_line: CommandLine, model, tokeni
            start: tuple[str, Scores] | None = None) -> Results:
     """Score the result, write sparsity_report.json, metrics.json, run_config.json and the card into `staging`.
     `inputs`: the argument groups the record names (model, data, eval, ...); `card`: the card's own fields."""
-    from ..hub import card_info_for_run, write_model_card
+    from ..card import card_info_for_run, write_model_card
 
     after = Scores.of(model, tokenizer, eval_args)
     dense = before.texts if before else None
@@ -77,7 +78,7 @@ def finish(staging: Path, command: str, command_line: CommandLine, model, tokeni
 def run_record(command: str, command_line: CommandLine, **parts) -> dict:
     """run_config.json: the run settings record (`settings`) with the inputs that produced it, and the
     command line with every token redacted."""
-    from .. import __version__
+    from ..version import __version__
 
     return {"pilot_hf_version": __version__,
             "command": " ".join(redact_argv(["pilot-hf", command, *command_line.argv])), **parts}

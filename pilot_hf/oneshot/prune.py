@@ -71,9 +71,7 @@ class OneShotArguments:
         pattern = SparsityPattern.parse(self.sparsity_pattern)
         self.sparsity_pattern = str(pattern)
         self.sparsity = pattern.resolve_sparsity(self.sparsity)
-        if pattern.kind == "global" and resolve_method(self.method).name != "magnitude":
-            raise ValueError(f"{self.method} compares scores within a layer (or row); pattern 'global' is only "
-                             "meaningful for magnitude. Use 'unstructured', 'row' or N:M.")
+        pattern.check_method(resolve_method(self.method).name, self.method)
         if self.num_calibration_samples < 1 or self.calibration_seqlen < 2:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples} must be ≥ 1 and "
                              f"calibration_seqlen={self.calibration_seqlen} ≥ 2.")
@@ -141,9 +139,7 @@ def oneshot_prune(model: nn.Module, calibration_ids: torch.Tensor | None = None,
     if is_wrapped(model):
         raise ValueError("this model is wrapped (MaskedLinear layers); one-shot methods prune plain models. Use "
                          "prune_model(model, ...) for a wrapped model, or merge_and_unload(model) first.")
-    if pattern.kind == "global" and method.name != "magnitude":
-        raise ValueError(f"{method.name} compares scores within a layer (or row); pattern 'global' is only "
-                         "meaningful for magnitude. Use 'unstructured', 'row' or N:M.")
+    pattern.check_method(method.name)
     if owl is not None and pattern.kind not in ("unstructured", "row"):
         raise ValueError(f"OWL varies the sparsity per block; pattern {pattern} fixes it. Use 'unstructured' or 'row'.")
     if hasattr(method, "check_pattern"):

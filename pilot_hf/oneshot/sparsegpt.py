@@ -139,8 +139,7 @@ def sparsegpt_prune_weight(weight: torch.Tensor, hessian: torch.Tensor, sparsity
 def _sparsegpt(weight, hessian, sparsity, pattern, blocksize, percdamp):
     pattern = SparsityPattern.parse(pattern)
     sparsity = pattern.resolve_sparsity(sparsity)
-    if pattern.kind == "global":
-        raise ValueError("SparseGPT prunes layer by layer; pattern 'global' is not supported (use 'unstructured').")
+    pattern.check_method("sparsegpt")
     pattern.check_shape("this layer", tuple(weight.shape))
     if pattern.is_nm and blocksize % pattern.m:
         raise ValueError(f"blocksize={blocksize} is not a multiple of M={pattern.m}.")
