@@ -1,44 +1,18 @@
 """The CLI as a user drives it: subprocesses, exit codes, files on disk."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_tiny_llama
+from helpers import REPO, pilot_hf, tiny_flags
 
 from pilot_hf.commands import command_module
 from pilot_hf.commands import parse as parse_args
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama with a byte-level tokenizer, saved as a model folder, and a local training text."""
-    return save_tiny_llama(tmp_path_factory.mktemp("cli"))
-
-
-def pilot_hf(*args, cwd=None, env=ENV):
-    return subprocess.run([sys.executable, "-m", "pilot_hf", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd)
-
 
 def parse(command, argv):
     return parse_args(command, argv, command_module(command).ARGUMENTS)
-
-
-def tiny_flags(tiny_dir, out, *extra):
-    return ["--model_name_or_path", tiny_dir / "model", "--train_file", tiny_dir / "train.txt", "--block_size", 32,
-            "--output_dir", out, "--max_steps", 6, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3,
-            "--alpha_update_interval", 2, "--sparsity", 0.5, "--recovery_steps", 2, "--save_strategy", "no",
-            "--report_to", "none", "--eval_texts", "pydoc", "--eval_max_tokens", 512, "--eval_max_length", 64,
-            "--use_cpu", "--seed", 0, *extra]
 
 
 def test_compress_then_evaluate(tiny_dir, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as T
 from conftest import tiny_inputs, tiny_model
-from test_cli import pilot_hf, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
+from helpers import pilot_hf
 
 from pilot_hf.commands import main
 from pilot_hf.lora import (

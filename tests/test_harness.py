@@ -256,7 +256,7 @@ def test_oneshot_cli_writes_tasks_to_metrics_card_and_figure(tmp_path):
 
 
 def test_sparsity_grid_is_blocks_by_projections():
-    from pilot_hf.hub import sparsity_grid
+    from pilot_hf.card import sparsity_grid
 
     layers = {f"model.layers.{b}.{p}": {"sparsity": b / 10 + i / 100}
               for b in range(3) for i, p in enumerate(["self_attn.q_proj", "mlp.down_proj"])}
@@ -267,12 +267,12 @@ def test_sparsity_grid_is_blocks_by_projections():
 
 
 def test_figure_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, caplog):
-    from pilot_hf.hub import write_model_card
+    from pilot_hf.card import write_model_card
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     report = {"layers": {"model.layers.0.mlp.up_proj": {"shape": [4, 4], "numel": 16, "zeros": 8, "sparsity": 0.5}},
               "total": {"numel": 16, "zeros": 8, "sparsity": 0.5}}
-    with caplog.at_level("INFO", logger="pilot_hf.hub"):
+    with caplog.at_level("INFO", logger="pilot_hf.card"):
         path = write_model_card(tmp_path, {"base_model": "org/base", "sparsity_report": report})
     assert path.is_file() and not (tmp_path / "sparsity_layers.png").exists()
     assert "matplotlib is not installed" in caplog.text and "![Sparsity" not in path.read_text()

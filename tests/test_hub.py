@@ -10,6 +10,7 @@ from conftest import tiny_model
 from huggingface_hub import ModelCard
 
 import pilot_hf
+from pilot_hf import card as cards
 from pilot_hf import hub
 from pilot_hf import serialization as S
 
@@ -46,7 +47,7 @@ def card_info(model, **overrides):
 # --- model card ----------------------------------------------------------------------------------------
 
 def test_card_metadata(pruned):
-    card = ModelCard(str(hub.render_model_card(card_info(pruned))))  # parses as a Hub model card
+    card = ModelCard(str(cards.render_model_card(card_info(pruned))))  # parses as a Hub model card
     data = card.data
     assert data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
@@ -65,7 +66,7 @@ def test_card_metadata(pruned):
 
 def test_card_body_numbers(pruned):
     report = pilot_hf.sparsity_report(pruned)
-    text = hub.render_model_card(card_info(pruned)).text
+    text = cards.render_model_card(card_info(pruned)).text
     for name, row in report["layers"].items():
         shape = " x ".join(map(str, row["shape"]))
         assert f"| `{name}` | {shape} | {row['numel']:,} | {row['zeros']:,} | {100 * row['sparsity']:.2f}% |" in text
@@ -81,13 +82,13 @@ def test_card_body_numbers(pruned):
 
 
 def test_card_never_contains_tokens(pruned):
-    text = str(hub.render_model_card(card_info(pruned)))
+    text = str(cards.render_model_card(card_info(pruned)))
     assert "hf_abcdefghijklmnopqrstuv" not in text and "--hub_token <redacted>" in text
     assert "| `hub_token` | <redacted> |" in text
 
 
 def test_write_model_card_and_load_it_back(pruned, tmp_path):
-    path = hub.write_model_card(tmp_path, card_info(pruned, compressed=True))
+    path = cards.write_model_card(tmp_path, card_info(pruned, compressed=True))
     assert path == tmp_path / "README.md"
     card = ModelCard.load(path)
     assert card.data.eval_results[0].metric_value == 15.25
@@ -99,12 +100,12 @@ def test_card_minimal_info_and_local_base_model(pruned, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     (base / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
-    card = ModelCard(str(hub.render_model_card({"base_model": str(base),
+    card = ModelCard(str(cards.render_model_card({"base_model": str(base),
                                                 "sparsity_report": pilot_hf.sparsity_report(pruned)})))
     assert card.data.license == "mit"  # from the local base model's card
     assert card.data.base_model is None  # a local path is not Hub metadata
     assert card.data.eval_results is None and "No evaluation results" in card.text
-    unknown = hub.render_model_card({"base_model": "someone/unknown-model",
+    unknown = cards.render_model_card({"base_model": "someone/unknown-model",
                                      "sparsity_report": pilot_hf.sparsity_report(pruned)})
     assert unknown.data.license is None and unknown.data.base_model == "someone/unknown-model"
 
@@ -116,11 +117,11 @@ def test_card_minimal_info_and_local_base_model(pruned, tmp_path):
 ])
 def test_card_rejects_bad_info(pruned, bad, message):
     with pytest.raises(ValueError, match=message):
-        hub.render_model_card(card_info(pruned, **bad))
+        cards.render_model_card(card_info(pruned, **bad))
 
 
 def test_template_is_found():
-    path = hub.model_card_template()
+    path = cards.model_card_template()
     assert path.name == "pilot_model_card.md.j2" and path.is_file()
 
 
@@ -156,7 +157,7 @@ class FakeApi:
 def output_dir(pruned, tmp_path):
     folder = tmp_path / "run"
     pruned.save_pretrained(folder)
-    hub.write_model_card(folder, card_info(pruned))
+    cards.write_model_card(folder, card_info(pruned))
     (folder / "training_args.bin").write_bytes(b"pickle")  # never uploaded
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"pickle")

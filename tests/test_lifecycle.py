@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, REPO, pilot_hf, tiny_flags
 from safetensors.torch import load_file
-from test_cli import ENV, REPO, pilot_hf, tiny_dir, tiny_flags  # noqa: F401  (tiny_dir: the module-scoped fixture)
 
 from pilot_hf.commands import main
-from pilot_hf.runs import MARKER_NAME, OutputError, OutputFolder, redact_argv
+from pilot_hf.naming import redact_argv
+from pilot_hf.runs import MARKER_NAME, OutputError, OutputFolder
 from pilot_hf.trainer import latest_checkpoint
 
 # `pilot-hf` with every training step slowed by argv[1] seconds (numerics unchanged), so a test can send a

@@ -16,10 +16,9 @@ import pytest
 import torch
 import transformers as T
 from conftest import byte_tokenizer, save_tiny_llama, tiny_model
+from helpers import ENV, error_lines, tiny_flags
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from test_cli import ENV, tiny_dir, tiny_flags  # noqa: F401  (tiny_dir: the module-scoped fixture)
-from test_user_errors import error_lines
 
 import pilot_hf
 from pilot_hf import runs

@@ -107,7 +107,7 @@ def test_round_trip_bit_exact_and_same_logits(tmp_path, sparsity, dtype):
     with torch.no_grad():
         expected = reference(x).logits
 
-    assert S.HOOK_REGISTERED
+    assert pilot_hf.HOOK_REGISTERED
     for loaded in (S.load_compressed(tmp_path / "packed"), T.AutoModelForCausalLM.from_pretrained(tmp_path / "packed")):
         assert_bit_exact(model.state_dict(), loaded.state_dict())
         with torch.no_grad():
@@ -386,8 +386,7 @@ def test_import_pilot_hf_registers_the_format():
         pytest.skip("pilot_hf/__init__.py does not import pilot_hf.serialization yet")
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-    assert S.HOOK_REGISTERED and AUTO_QUANTIZER_MAPPING["pilot_sparse"] is _transformers_sparse.PilotSparseHfQuantizer
-    assert S.PilotSparseHfQuantizer is _transformers_sparse.PilotSparseHfQuantizer  # old name still resolves
+    assert pilot_hf.HOOK_REGISTERED and AUTO_QUANTIZER_MAPPING["pilot_sparse"] is _transformers_sparse.PilotSparseHfQuantizer
 
 
 # --- digests (format version 2) ----------------------------------------------------------------------------
@@ -549,7 +548,7 @@ def test_failed_registration_warns_instead_of_raising(monkeypatch, error):
                rf"\({error.__name__}: renamed in this release\); "
                r"AutoModelForCausalLM.from_pretrained cannot read .*pilot_hf.load_compressed\(path\)")
     with pytest.warns(UserWarning, match=message):
-        assert S._register_with_transformers() is False
+        assert S.register_with_transformers() is False
 
 
 def test_transformers_without_load_operations_is_not_registered(monkeypatch):
@@ -557,7 +556,7 @@ def test_transformers_without_load_operations_is_not_registered(monkeypatch):
 
     monkeypatch.delattr(HfQuantizer, "get_load_operations")
     with pytest.warns(UserWarning, match="could not be registered.*get_load_operations"):
-        assert S._register_with_transformers() is False
+        assert S.register_with_transformers() is False
 
 
 NO_HOOK_SCRIPT = """
@@ -584,7 +583,7 @@ from pilot_hf import serialization as S
 sys.path.insert(0, sys.argv[3])
 from conftest import tiny_inputs, tiny_model
 
-assert S.HOOK_REGISTERED is False
+assert pilot_hf.HOOK_REGISTERED is False
 warned = [str(w.message) for w in caught if "pilot_sparse could not be registered" in str(w.message)]
 assert len(warned) == 1, [str(w.message) for w in caught]
 assert f"with transformers {transformers.__version__} (" in warned[0] and sys.argv[1] in warned[0], warned[0]

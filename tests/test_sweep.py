@@ -1,7 +1,6 @@
 import json
 
 import pytest
-from test_cli import tiny_dir  # noqa: F401  (the module-scoped fixture, reused)
 
 from pilot_hf import sweep as S
 from pilot_hf.data import DataArguments

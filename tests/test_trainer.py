@@ -5,34 +5,11 @@ import sys
 
 import pytest
 import torch
-from conftest import PLAIN_TRAINING, tiny_inputs, tiny_model
-from datasets import Dataset
+from conftest import tiny_inputs, tiny_model
+from helpers import arithmetic_dataset, make_args, make_trainer
 from transformers import TrainerCallback
 
-from pilot_hf import PILoTTrainer, PILoTTrainingArguments, is_wrapped, masked_layers
-
-
-def arithmetic_dataset(n=64, length=32, seed=0):
-    """Sequences s, s+d, s+2d, ... (mod 128): learnable by a tiny model in a few dozen steps."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        s, d = int(torch.randint(0, 128, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
-        ids = [(s + d * j) % 128 for j in range(length)]
-        rows.append({"input_ids": ids, "labels": ids})
-    return Dataset.from_list(rows)
-
-
-def make_args(tmp_path, **kw):
-    base = dict(**PLAIN_TRAINING, output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
-                logging_steps=5, report_to=[], save_strategy="no", alpha_update_interval=5, use_cpu=True,
-                seed=0, data_seed=0)
-    base.update(kw)
-    return PILoTTrainingArguments(**base)
-
-
-def make_trainer(tmp_path, arch="llama", **kw):
-    return PILoTTrainer(model=tiny_model(arch), args=make_args(tmp_path, **kw), train_dataset=arithmetic_dataset())
+from pilot_hf import PILoTTrainer, is_wrapped, masked_layers
 
 
 def test_loss_goes_down_and_result_is_exactly_sparse(tmp_path):

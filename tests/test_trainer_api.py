@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 from conftest import PLAIN_TRAINING, tiny_model
-from test_trainer import arithmetic_dataset
+from helpers import arithmetic_dataset
+from helpers import make_trainer as _make_trainer
 from transformers import TrainerCallback, TrainingArguments
 
 from pilot_hf import (
@@ -41,7 +42,7 @@ def make_args(tmp_path, **kw):
 
 
 def make_trainer(tmp_path, arch="llama", **kw):
-    return PILoTTrainer(model=tiny_model(arch), args=make_args(tmp_path, **kw), train_dataset=arithmetic_dataset())
+    return _make_trainer(tmp_path, arch, args=make_args(tmp_path, **kw))
 
 
 def _exactly_half(report: dict) -> bool:

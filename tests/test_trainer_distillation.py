@@ -4,8 +4,8 @@ gradient accumulation, resume, and the teacher kept out of optimizer, checkpoint
 import pytest
 import torch
 from conftest import tiny_model
+from helpers import arithmetic_dataset, make_args
 from safetensors.torch import load_file
-from test_trainer import arithmetic_dataset, make_args
 from transformers import Trainer
 
 from pilot_hf import PILoTTrainer

@@ -4,7 +4,7 @@ pruned weights held at 0 between events, bit-identical resume, then the same rec
 import pytest
 import torch
 from conftest import tiny_model
-from test_trainer import arithmetic_dataset, make_args
+from helpers import arithmetic_dataset, make_args
 from transformers import TrainerCallback
 
 from pilot_hf import PILoTTrainer, find_target_layers

@@ -5,7 +5,7 @@ for the base optimizer, and the run settings, sweep cells and resume check carry
 import pytest
 import torch
 from conftest import tiny_model
-from test_trainer import arithmetic_dataset, make_args
+from helpers import arithmetic_dataset, make_args
 from transformers import TrainerCallback
 
 from pilot_hf import PILoTTrainer, find_target_layers, magnitude_prune, masked_layers

@@ -5,18 +5,15 @@ Each case runs in-process through `pilot_hf.commands.main` (fast). Where the mis
 model, loading the model is an error of its own (the check must come first)."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
-from test_cli import tiny_dir, tiny_flags  # noqa: F401  (the module-scoped fixture, reused)
+from helpers import error_lines, tiny_flags
 
 from pilot_hf import data as D
 from pilot_hf.commands import main
-
-_PROGRESS = re.compile(r"\d+%\||\[\d+:\d+[<,]")  # tqdm bars (loading, tokenizing, perplexity) are not messages
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +146,7 @@ CASES = [
      "needs in_features divisible by 5", True),
     ("global-with-wanda-warm-start", lambda t, b, o: ["compress", *_flags(t, o, "--sparsity_pattern", "global",
                                                                           "--warm_start", "wanda")],
-     "pattern 'global' is only available to magnitude", False),
+     "a wanda warm start compares scores within a layer (or row); pattern 'global' is only meaningful", False),
     ("oneshot-global-with-wanda", lambda t, b, o: _oneshot(t, o, "--method", "wanda", "--sparsity_pattern",
                                                            "global"),
      "pattern 'global' is only meaningful for magnitude", False),
@@ -268,10 +265,6 @@ CASES = [
     ("train_file-malformed-jsonl", lambda t, b, o: ["compress", *_flags(t, o, train_file=b / "malformed.jsonl")],
      "line 2 is not valid JSON", False),
 ]
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip() and not _PROGRESS.search(line)]
 
 
 @pytest.fixture
