@@ -2,9 +2,9 @@
 run one at a time, each appended to a JSON-lines results file as soon as it ends (resumable: a cell already
 in the file is skipped; a cell in flight when the run stops is lost, nothing else).
 
-    python scripts/study_cells.py --config configs/study_part1.yaml --phase tune  [--commit] [--max_cells N]
-    python scripts/study_cells.py --config configs/study_part1.yaml --phase test  [--commit]
-    python scripts/study_cells.py --config configs/study_part1.yaml --list        # cells done and left
+    python scripts/study_cells.py --config configs/study/part1.yaml --phase tune  [--commit] [--max_cells N]
+    python scripts/study_cells.py --config configs/study/part1.yaml --phase test  [--commit]
+    python scripts/study_cells.py --config configs/study/part1.yaml --list        # cells done and left
 
 Phases: `tune` trains every setting of each method's small grid at one budget and sparsity and scores it on
 the validation texts only; `test` runs each method with its chosen setting (written into the config by hand
