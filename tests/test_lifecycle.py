@@ -52,7 +52,13 @@ def start_slow(args, log: Path, seconds_per_step: float = 0.4) -> subprocess.Pop
     """`pilot-hf compress *args` in the background, every training step slowed (output into `log`)."""
     with open(log, "w") as f:  # a file, not a pipe: progress bars would fill a pipe and block the run
         return subprocess.Popen([sys.executable, "-c", SLOW_CLI, str(seconds_per_step), "compress", *map(str, args)],
-                                stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+                                stdout=f, stderr=subprocess.STDOUT, env=ENV, cwd=REPO, preexec_fn=_sigint_default)
+
+
+def _sigint_default() -> None:
+    """Ctrl-C as in a user's terminal: a suite started in the background of a non-interactive shell passes SIGINT
+    on ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
