@@ -240,6 +240,7 @@ def test_cli_dense_model_is_refused(tiny_dir, tmp_path, capsys):  # noqa: F811
 @pytest.mark.parametrize("extra,message", [
     (["--lora", "--distill_logit_weight", "1.0"], "needs a dense teacher"),
     (["--lora", "--weight_learning_rate", "1e-3"], "--lora does not support --weight_learning_rate"),
+    (["--lora", "--ham", "true"], "--lora does not support --ham"),
     (["--sparsity", "0.5"], "--sparsity 0.5 does not apply"),
     (["--method", "pilot"], "--method pilot does not apply"),
     (["--warm_start", "magnitude", "--sparsity", "0.5"], "--warm_start magnitude"),

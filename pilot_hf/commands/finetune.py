@@ -49,7 +49,8 @@ def finetune_training_args(args: PILoTTrainingArguments, ft_args: FinetuneArgume
                          "`pilot-hf oneshot` or `pilot-hf compress` first, then fine-tune the result.")
     if ft_args.lora:
         refused = [name for name, on in (("--weight_learning_rate", args.weight_learning_rate is not None),
-                                         ("--tensorwise_second_moment", args.tensorwise_second_moment)) if on]
+                                         ("--tensorwise_second_moment", args.tensorwise_second_moment),
+                                         ("--ham", args.ham)) if on]  # HAM steps the target matrices, not adapters
         if refused:
             raise ValueError(f"--lora does not support {', '.join(refused)} (LoRA trains only the adapters, with "
                              "AdamW). Drop it, or fine-tune in full mode (without --lora), which supports it.")
