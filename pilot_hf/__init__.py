@@ -30,9 +30,10 @@ from .oneshot import (
 )
 from .pruning import SparsityPattern, apply_keep_mask, keep_mask, keep_masks
 from .regularization import AlphaController
+from .runs import latest_checkpoint  # checkpoint bookkeeping lives with the run protocol
 from .serialization import compress_checkpoint, load_compressed, register_with_transformers, save_compressed
 from .sweep import SweepArguments
-from .trainer import PILoTTrainer, latest_checkpoint
+from .trainer import PILoTTrainer
 from .training_args import PILoTTrainingArguments
 from .version import __version__
 from .wrapping import (

@@ -33,7 +33,7 @@ from .loading import check_same_vocabulary
 from .oneshot import OneShotReport, oneshot_prune
 from .optim import TensorwiseAdamW
 from .pruning import SparsityPattern, full_tensor
-from .runs import CHECKPOINT_FILES, PILOT_STATE_NAME, latest_checkpoint  # noqa: F401 (re-exported)
+from .runs import CHECKPOINT_FILES, PILOT_STATE_NAME, latest_checkpoint  # noqa: F401 (CHECKPOINT_FILES: kept importable from here)
 from .schedule import SparsitySchedule
 from .training_args import PILoTTrainingArguments
 from .wrapping import (

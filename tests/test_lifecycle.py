@@ -17,8 +17,7 @@ from safetensors.torch import load_file
 
 from pilot_hf.commands import main
 from pilot_hf.naming import redact_argv
-from pilot_hf.runs import MARKER_NAME, OutputError, OutputFolder
-from pilot_hf.trainer import latest_checkpoint
+from pilot_hf.runs import MARKER_NAME, OutputError, OutputFolder, latest_checkpoint
 
 # `pilot-hf` with every training step slowed by argv[1] seconds (numerics unchanged), so a test can send a
 # signal between two checkpoints without racing a run that takes a fraction of a second.
