@@ -593,3 +593,38 @@ def eval_token_stream(rows: list[str], tokenizer, convention: str = "field") -> 
     else:
         raise ValueError(f"convention must be 'field' or 'documents', got {convention!r}.")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def teacher_sample_split(text_blocks: int, seen_blocks: int, share: float) -> tuple[int, int]:
+    """(text blocks to keep, teacher blocks to sample) so that `share` of the blocks a run sees are the
+    teacher's. When the run sees fewer blocks than the text has, it keeps a random subset of the text and passes
+    once over the mixture; otherwise it keeps all of the text and adds teacher blocks in proportion."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"teacher_sample_share={share!r}: must be in [0, 1].")
+    text = seen_blocks - round(share * seen_blocks)
+    if text <= text_blocks:
+        return text, seen_blocks - text
+    return text_blocks, round(share / (1 - share) * text_blocks)
+
+
+def mix_teacher_samples(dataset: datasets.Dataset, samples: list[list[int]], keep_text: int,
+                        seed: int) -> datasets.Dataset:
+    """Packed training blocks with teacher-written blocks mixed in: `keep_text` blocks of `dataset` (a seeded
+    random subset when fewer than all) and every sample, with the same columns (labels = input_ids)."""
+    columns = set(dataset.column_names)
+    if not columns <= {"input_ids", "attention_mask", "labels"}:
+        raise ValueError(f"teacher samples mix into packed blocks (input_ids, attention_mask, labels); this "
+                         f"training data has the columns {sorted(columns)}.")
+    lengths = {len(s) for s in samples} | {len(dataset[0]["input_ids"])}
+    if len(lengths) != 1:
+        raise ValueError(f"teacher samples and training blocks must have one length, got {sorted(lengths)}.")
+    if keep_text < len(dataset):
+        rows = np.random.default_rng(seed).choice(len(dataset), size=keep_text, replace=False)
+        dataset = dataset.select(np.sort(rows))
+    written = {"input_ids": samples}
+    if "attention_mask" in columns:
+        written["attention_mask"] = [[1] * len(s) for s in samples]
+    if "labels" in columns:
+        written["labels"] = [list(s) for s in samples]
+    teacher = datasets.Dataset.from_dict(written, features=dataset.features)
+    return datasets.concatenate_datasets([dataset, teacher]) if len(dataset) else teacher

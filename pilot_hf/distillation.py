@@ -463,6 +463,28 @@ class Teacher:
     def hidden_size(self) -> int:
         return int(_text_config(self.model).hidden_size)
 
+    @torch.no_grad()
+    def sample(self, count: int, length: int, start_token_id: int, seed: int, batch_size: int = 8) -> list[list[int]]:
+        """`count` blocks of `length` tokens written by the teacher: each starts with `start_token_id` (the
+        document separator) and continues by sampling the teacher's full distribution (temperature 1, no top-k
+        or top-p), never ending early. The same seed and batch size give the same blocks; the caller's random state
+        is left as it was.
+
+        Distilling on such text pulls the student toward the teacher on what the teacher itself writes, not only
+        on the user's text (the data-free distillation of LLM-QAT, Liu et al. 2023, arXiv 2305.17888)."""
+        device = self.device
+        blocks: list[list[int]] = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for first in range(0, count, batch_size):
+                prompt = torch.full((min(batch_size, count - first), 1), start_token_id, device=device)
+                out = self.model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, typical_p=1.0, repetition_penalty=1.0, max_new_tokens=length - 1,
+                    min_new_tokens=length - 1, pad_token_id=start_token_id)
+                blocks.extend(out[:, :length].tolist())
+        return blocks
+
     def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device)
         return self

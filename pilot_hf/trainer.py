@@ -18,8 +18,10 @@ What it adds to Trainer, and where (docs/METHOD.md, sections 2-6 and 10):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 
 import torch
 from torch import nn
@@ -27,7 +29,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .card import CardInfo, card_info_for_run, write_model_card
 from .config import PILoTConfig
-from .data import calibration_blocks, check_same_data, data_fingerprint
+from .data import (
+    calibration_blocks,
+    check_same_data,
+    data_fingerprint,
+    mix_teacher_samples,
+    teacher_sample_split,
+)
 from .distillation import Teacher, distillation_loss, lm_loss_value
 from .loading import check_same_vocabulary
 from .oneshot import OneShotReport, oneshot_prune
@@ -46,6 +54,8 @@ from .wrapping import (
     sparsity_report,
     wrap_model,
 )
+
+logger = logging.getLogger(__name__)
 
 # Prefixes that DDP, FSDP and activation checkpointing add to parameter names.
 _WRAPPER_PREFIX = re.compile(r"(^|\.)(module|_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
@@ -120,6 +130,9 @@ class PILoTTrainer(Trainer):
                                  "ZeRO-2 (a full teacher per process; teacher_dtype='bfloat16' halves it), or train "
                                  "without distillation.")
             self.teacher.to(self.args.device)  # unsharded, one per process (also under FSDP2: docs/DESIGN.md)
+            if self.args.teacher_sample_share > 0 and self.train_dataset is not None:  # after the warm start's calibration
+                self.train_dataset = _with_teacher_samples(self.train_dataset, self.teacher, self.args,
+                                                           kwargs.get("processing_class"))
         self.schedule = SparsitySchedule(model, self.args, self.pilot_config, self.accelerator)
         self.sparsity_report: dict | None = None
         self.gathered = False  # FSDP2: finish() replaced the sharded model by a plain one on every process
@@ -507,6 +520,32 @@ def _warm_start(model: nn.Module, args: PILoTTrainingArguments, config: PILoTCon
         calibration = calibration_blocks(train_dataset, args.num_calibration_samples, seed=args.seed)
     return oneshot_prune(model, calibration, method=args.warm_start, sparsity=args.sparsity,
                          pattern=args.sparsity_pattern, config=config)
+
+
+def _with_teacher_samples(dataset, teacher: Teacher, args: PILoTTrainingArguments, tokenizer):
+    """The training blocks with the teacher's own text mixed in: args.teacher_sample_share of the blocks the run
+    sees. Every process samples the same blocks (same seed), so the distributed sampler splits one dataset."""
+    if not hasattr(dataset, "select") or "input_ids" not in dataset.column_names:
+        raise ValueError("teacher_sample_share mixes teacher text into a datasets.Dataset of packed blocks "
+                         "(input_ids); this training data is not one. Pass packed blocks or teacher_sample_share=0.")
+    start = getattr(tokenizer, "eos_token_id", None)
+    if start is None:
+        start = teacher.model.generation_config.eos_token_id
+        start = start[0] if isinstance(start, list) else start
+    if start is None:
+        raise ValueError("teacher_sample_share starts the teacher's text at the document separator, but neither the "
+                         "tokenizer (processing_class) nor the teacher's generation config names an EOS token.")
+    seen = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    keep, count = teacher_sample_split(len(dataset), seen, args.teacher_sample_share)
+    if count == 0:
+        return dataset
+    length = len(dataset[0]["input_ids"])
+    started = time.perf_counter()
+    # A fixed generation batch: the draws, hence the data (which resume compares), depend on the seed alone.
+    samples = teacher.sample(count, length, int(start), seed=args.seed, batch_size=16)
+    logger.info("sampled %d blocks of %d tokens from the teacher in %.0f s; training on them and %d of the %d text "
+                "blocks", count, length, time.perf_counter() - started, keep, len(dataset))
+    return mix_teacher_samples(dataset, samples, keep, seed=args.seed)
 
 
 def _move_to_own_group(optimizer: torch.optim.Optimizer, ids: set[int], **settings) -> None:

@@ -35,7 +35,7 @@ RUN_SETTINGS = (
     "tensorwise_second_moment", "recovery_steps", "keep_zeros", "gmp_interval", "gmp_start_step", "gmp_initial_sparsity",
     "beta", "init", "target_modules", "target_regex",
     "exclude_modules", "lm_loss_weight", "distill_logit_weight", "distill_feature_weight", "distill_temperature",
-    "teacher_model_name_or_path", "teacher_dtype",
+    "teacher_model_name_or_path", "teacher_dtype", "teacher_sample_share",
     # the training budget and optimizer (TrainingArguments' own fields)
     "learning_rate", "weight_decay", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "lr_scheduler_type", "warmup_steps", "optim", "max_grad_norm", "seed", "bf16",
@@ -214,6 +214,13 @@ class PILoTTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Hold the teacher in this dtype (bfloat16 halves its memory); default: "
                                 "the dtype it was loaded in."})
 
+    teacher_sample_share: float = field(
+        default=0.0,
+        metadata={"help": "Share of the training blocks the run sees that the teacher wrote itself: sampled once "
+                  "before training (from the document separator, temperature 1) and mixed into the training text, "
+                  "so that distillation also covers what the model knew, not only the user's text. Needs "
+                  "distillation and max_steps. 0: off; 1: teacher text only."})
+
     def __post_init__(self):
         super().__post_init__()
         check_trained_method(self.method)
@@ -278,6 +285,15 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError("a teacher is only used for distillation: set distill_logit_weight or "
                              "distill_feature_weight > 0, or drop teacher_model_name_or_path/teacher_dtype.")
 
+        if not 0 <= self.teacher_sample_share <= 1:
+            raise ValueError(f"teacher_sample_share={self.teacher_sample_share!r}: must be in [0, 1] (a share of "
+                             "the training blocks).")
+        if self.teacher_sample_share > 0 and not self.distills:
+            raise ValueError("teacher_sample_share samples text from the distillation teacher: set "
+                             "distill_logit_weight or distill_feature_weight > 0, or teacher_sample_share=0.")
+        if self.teacher_sample_share > 0 and self.max_steps <= 0:
+            raise ValueError("teacher_sample_share is a share of the blocks the run sees, counted from max_steps: "
+                             "give max_steps (> 0) instead of num_train_epochs.")
         for name in ("ham_alpha", "ham_beta"):
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):

@@ -93,7 +93,7 @@ def training_arguments(config: dict, cell: dict, steps: int, output_dir: str) ->
     recovery = math.floor(config["recovery_share"] * steps) if spec.name != "finetune" else 0
     settings = {**config["common"], **cell["settings"]}
     return PILoTTrainingArguments(
-        output_dir=output_dir, method=spec.name, warm_start=spec.warm_start,
+        output_dir=output_dir, method=spec.name, warm_start=spec.warm_start, ham=spec.ham,
         sparsity=None if ":" in pattern else sparsity, sparsity_pattern=pattern, max_steps=steps,
         recovery_steps=recovery, per_device_train_batch_size=config["per_device_train_batch_size"],
         seed=cell["seed"], data_seed=cell["seed"], save_strategy="no", report_to=[], disable_tqdm=True,
