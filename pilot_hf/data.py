@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 HELD_OUT_FRACTION = 0.1  # share of each built-in text (its tail) kept for evaluation only
-EVALUATION_TEXTS = ("kjv", "pydoc", "pyguide", "devil")  # built-in texts with a held-out part, for benchmarks
+EVALUATION_TEXTS = ("kjv", "pydoc", "pyguide", "devil", "perldoc", "fortunes")  # built-in texts with a held-out part, for benchmarks
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _ROW_CHARS = 8_000  # built-in text rows (documents) are about this long
 _MIN_DUPLICATE_CHARS = 40  # held-out paragraphs at least this long are dropped if they also occur in train
@@ -505,7 +505,7 @@ def calibration_blocks(dataset, num_samples: int, seed: int = 0) -> torch.Tensor
 
 
 def evaluation_tokens(name: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
-    """The held-out part of a built-in text ('kjv', 'pydoc', 'pyguide', 'devil'; 'builtin:' prefix optional) as one
+    """The held-out part of a built-in text (EVALUATION_TEXTS; 'builtin:' prefix optional) as one
     token stream (1-D LongTensor; BOS first if the tokenizer adds one), cut to `max_tokens` if given.
     """
     ids = torch.tensor(encode_text(tokenizer, builtin_split(name, "test")), dtype=torch.long)

@@ -26,19 +26,17 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pilot_hf.assets import _PYGUIDE_PARTS, _python_doc_sources, builtin_text
+from pilot_hf.assets import _PYGUIDE_PARTS, _python_doc_sources, builtin_text, perl_manuals
 from pilot_hf.data import builtin_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "outputs" / "study" / "data"
-SHARE = Path(sys.prefix) / "share"  # scripts/setup.sh unpacks the Debian text packages here
 SEED = 0
 VOCAB = 8192
 BLOCK = 256
@@ -53,26 +51,6 @@ def _cut(text: str, fraction: float) -> int:
     return len(text)
 
 
-def _perl_manuals() -> list[Path]:
-    pods = sorted((SHARE / "perl-doc").rglob("*.pod"))
-    if not pods:
-        raise SystemExit(f"no Perl manuals under {SHARE / 'perl-doc'}: run scripts/setup.sh (Debian perl-doc).")
-    return pods
-
-
-def _fortunes() -> str:
-    """Debian's fortune sayings outside computing (the technical files would be the training domain), without
-    the many quotations of Bierce: his Devil's Dictionary is a test text, and no choice may be made on it."""
-    folder = SHARE / "fortunes"
-    technical = {"ascii-art", "computers", "debian", "linux", "linuxcookie", "perl", "startrek", "translate-me"}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.suffix and "off" not in p.parts
-                   and p.name not in technical)
-    if not files:
-        raise SystemExit(f"no fortune files under {folder}: run scripts/setup.sh (Debian fortunes).")
-    sayings = [s.strip() for f in files for s in f.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
-    return "\n\n".join(s for s in sayings if s and "Bierce" not in s and "Devil's Dictionary" not in s) + "\n"
-
-
 def build_texts() -> dict[str, str]:
     kjv_train = builtin_split("kjv", "train")
     cut = _cut(kjv_train, 0.95)
@@ -80,12 +58,12 @@ def build_texts() -> dict[str, str]:
     guide = {(docs / p).resolve() for p in _PYGUIDE_PARTS}
     python_train = [f.read_text(encoding="utf-8") for f in sorted(docs.rglob("*.rst.txt"))
                     if not any(g == f.resolve() or g in f.resolve().parents for g in guide)]
-    pods = _perl_manuals()
+    pods = perl_manuals()
     perl_train = [p.read_text(encoding="utf-8", errors="replace") for i, p in enumerate(pods) if i % 20]
     perl_val = [p.read_text(encoding="utf-8", errors="replace") for i, p in enumerate(pods) if not i % 20]
     train = "\n\n".join([kjv_train[:cut], builtin_split("pyguide", "train"), *python_train, *perl_train])
     return {"train": train, "kjv-val": kjv_train[cut:], "tech-val": "\n\n".join(perl_val),
-            "fortunes-val": _fortunes(), "kjv": builtin_split("kjv", "test"),
+            "fortunes-val": builtin_text("fortunes"), "kjv": builtin_split("kjv", "test"),
             "pyguide": builtin_split("pyguide", "test"), "devil": builtin_text("devil")}
 
 

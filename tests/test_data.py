@@ -296,3 +296,13 @@ def test_devil_text_is_the_book_without_the_dictd_headers():
     assert "00-database" not in text and "dictfmt" not in text and text.count("\n") > 5_000
     # the held-out tail is the end of the alphabet, never seen in training
     assert D.builtin_split("devil", "test").lstrip().startswith(("T", "U"))
+
+
+def test_fortunes_and_perldoc_are_texts_of_their_own_domains():
+    """Two more evaluation domains: sayings without Bierce's (devil is a text of its own) and Perl's manuals."""
+    if not (_available("fortunes") and _available("perldoc")):
+        pytest.skip("Debian's fortunes or perl-doc is not unpacked (scripts/setup.sh)")
+    fortunes, perldoc = builtin_text("fortunes"), builtin_text("perldoc")
+    assert "Bierce" not in fortunes and "Devil's Dictionary" not in fortunes and fortunes.count("\n\n") > 5_000
+    assert perldoc.startswith("=") and perldoc.count("\n=head1 ") > 100 and "my $" in perldoc
+    assert len(D.builtin_split("fortunes", "test")) > 100_000 and len(D.builtin_split("perldoc", "test")) > 500_000
