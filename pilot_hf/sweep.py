@@ -67,7 +67,7 @@ def cell_arguments(training_args: PILoTTrainingArguments, spec: MethodSpec, spar
     distillation only in cells named with '+ham' / '+kd'."""
     sparsity, pattern = parse_cell_sparsity(sparsity_spec)
     distill = {"distill_logit_weight": 0.0, "distill_feature_weight": 0.0, "teacher_model_name_or_path": None,
-               "teacher_dtype": None, "lm_loss_weight": 1.0}  # a cell without '+kd' never distils
+               "teacher_dtype": None, "lm_loss_weight": 1.0, "teacher_sample_share": 0.0}  # no '+kd': no teacher
     if spec.distill:  # the given distillation recipe, or logit distillation with weight 1 if none was given
         distill = {} if training_args.distills else {"distill_logit_weight": 1.0}
     return training_args.with_method(spec.name, warm_start=spec.warm_start, sparsity=None if ":" in pattern else

@@ -11,6 +11,7 @@ from torch import nn
 from pilot_hf import PILoTTrainer
 from pilot_hf.data import teacher_sample_split
 from pilot_hf.distillation import Teacher
+from pilot_hf.sweep import SweepArguments, cell_arguments
 
 KD = dict(lm_loss_weight=0.0, distill_logit_weight=1.0, distill_feature_weight=1.0)
 
@@ -89,3 +90,11 @@ def test_cli_flag_records_the_share_and_the_run_samples(tiny_dir, tmp_path):
     assert "from the teacher" in run.stderr  # the sampling is logged, with its count and time
     settings = json.loads((out / "run_config.json").read_text())["settings"]
     assert settings["teacher_sample_share"] == 0.25 and settings["distill_logit_weight"] == 1.0
+
+
+def test_sweep_cells_mix_teacher_text_only_where_they_distil(tmp_path):
+    grid = SweepArguments(methods=["pilot+wanda", "pilot+wanda+kd"], sparsities=["0.5"])
+    recipe = make_args(tmp_path, **KD, teacher_sample_share=0.25)
+    plain, kd = (cell_arguments(recipe, spec, "0.5", str(tmp_path)) for spec in grid.specs)
+    assert plain.teacher_sample_share == 0.0 and not plain.distills
+    assert kd.teacher_sample_share == 0.25 and kd.distills

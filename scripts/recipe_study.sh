@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Issue 26: a compression recipe that keeps what the model knew (docs/BENCHMARKS.md section 13). Resumable: each
+# sweep skips its finished cells, and each finished sweep's results.json is copied to docs/recipe/NAME.json and
+# committed (with --commit), so a stopped session loses at most the cell in flight.
+#   bash scripts/recipe_study.sh search [--commit]     # variants on the validation texts (kjv, pydoc, devil)
+#   RECIPE="--teacher_sample_share 0.5" bash scripts/recipe_study.sh test [--commit]
+#                                                      # the chosen recipe, 2 seeds, 50% and 2:4, test texts too
+# Run it alone on the machine, under the heavy-job lock: flock /tmp/pilot.lock bash scripts/recipe_study.sh ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:?usage: recipe_study.sh search|test [--commit]}
+commit=${2:-}
+mkdir -p docs/recipe
+
+run() {  # NAME CONFIG ARGS...: one sweep into outputs/recipe/NAME, its table kept in docs/recipe/NAME.json
+  local name=$1 config=$2; shift 2
+  if [ -f "docs/recipe/$name.json" ]; then echo "== $name: done"; return; fi
+  echo "== $name: pilot-hf sweep --config $config $* ($(date +%H:%M))"
+  .venv/bin/pilot-hf sweep --config "$config" --output_dir "outputs/recipe/$name" "$@"
+  cp "outputs/recipe/$name/results.json" "docs/recipe/$name.json"
+  if [ "$commit" = --commit ]; then
+    git add "docs/recipe/$name.json" && git commit -q -m "recipe study: $name" -- "docs/recipe/$name.json"
+  fi
+}
+
+case $phase in
+  search)
+    bash scripts/get_gemma3_270m.sh
+    run search-gemma3-default configs/recipe/search_gemma3.yaml
+    run search-gemma3-samples50 configs/recipe/search_gemma3.yaml --teacher_sample_share 0.5
+    run search-gemma3-lr3e-5 configs/recipe/search_gemma3.yaml --learning_rate 3.0e-5
+    run search-gemma3-t2 configs/recipe/search_gemma3.yaml --distill_temperature 2
+    run search-smollm2-default configs/recipe/search_smollm2.yaml
+    run search-smollm2-samples50 configs/recipe/search_smollm2.yaml --teacher_sample_share 0.5
+    ;;
+  test)
+    read -r -a recipe <<< "${RECIPE:-}"
+    bash scripts/get_gemma3_270m.sh
+    for seed in 0 1; do
+      run "test-smollm2-seed$seed" configs/recipe/test_smollm2.yaml --seed "$seed" "${recipe[@]}"
+      run "test-gemma3-seed$seed" configs/recipe/test_gemma3.yaml --seed "$seed" "${recipe[@]}"
+    done
+    ;;
+  *) echo "unknown phase $phase: use search or test" >&2; exit 2 ;;
+esac
