@@ -1,0 +1,179 @@
+"""Budget study (issue 29): tables and plots from a results file of scripts/study_cells.py.
+
+    python scripts/study_report.py --config configs/study/part1.yaml      # Markdown to stdout, plots to docs/study/
+
+Tune phase: every setting of each method on the validation texts and their geometric mean (the selection
+criterion), the best per method marked. Test phase: held-out perplexity per method, budget and sparsity; one
+figure of perplexity against tokens trained (one line per method; dense and one-shot as flat lines), and one of
+PILoT's diagnostics over training (docs/METHOD.md section 4: alpha, balance, L1 ratio, prune damage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DIAGNOSTICS = ("alpha", "balance", "l1_ratio", "prune_damage")
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def settings_text(settings: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(settings.items())) or "–"
+
+
+def best_settings(rows: list[dict]) -> dict[str, dict]:
+    """Per method, the tune row with the lowest geometric mean of the validation perplexities."""
+    best = {}
+    for row in rows:
+        score = geomean(row["perplexity"].values())
+        if row["method"] not in best or score < best[row["method"]][0]:
+            best[row["method"]] = (score, row)
+    return {method: row for method, (_, row) in best.items()}
+
+
+def tune_table(rows: list[dict], texts: list[str]) -> str:
+    best = {id(r) for r in best_settings(rows).values()}
+    lines = [f"| method | settings | {' | '.join(texts)} | geo. mean | steps | time (s) |",
+             "|---|---|" + "---|" * (len(texts) + 3)]
+    for row in rows:
+        mark = "**" if id(row) in best else ""
+        ppl = " | ".join(f"{row['perplexity'][t]:.2f}" for t in texts)
+        lines.append(f"| {mark}{row['method']}{mark} | {settings_text(row['settings'])} | {ppl} | "
+                     f"{mark}{geomean(row['perplexity'][t] for t in texts):.2f}{mark} | {row.get('steps', 0)} | "
+                     f"{row['time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def test_table(rows: list[dict], texts: list[str]) -> str:
+    """Rows: method; columns: (sparsity, budget) per text; seeds averaged (their spread in brackets)."""
+    cells = defaultdict(list)
+    for row in rows:
+        cells[(row["method"], row["sparsity"], row["budget"])].append(row)
+    columns = sorted({(r["sparsity"], r["budget"]) for r in rows if r["budget"] > 0})
+    lines = []
+    for text in texts:
+        lines += [f"\n{text} (held out):\n", "| method | " + " | ".join(f"{s} @ {b:.0%}" for s, b in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            values = []
+            for sparsity, budget in columns:
+                found = cells.get((method, sparsity, budget)) or cells.get((method, sparsity, 0.0)) \
+                    or cells.get((method, "0.0", 0.0)) or []
+                ppl = [r["perplexity"][text] for r in found]
+                values.append("–" if not ppl else f"{sum(ppl) / len(ppl):.2f}" +
+                              (f" ({min(ppl):.2f}-{max(ppl):.2f})" if len(ppl) > 1 else ""))
+            lines.append(f"| {method} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install matplotlib)")
+        return None
+    sparsities = sorted({r["sparsity"] for r in rows if r["budget"] > 0})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: "black" if m == "dense" else plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(texts), len(sparsities), figsize=(5 * len(sparsities), 3.6 * len(texts)),
+                             squeeze=False)
+    for j, sparsity in enumerate(sparsities):
+        for i, text in enumerate(texts):
+            ax = axes[i][j]
+            for method in methods:
+                mine = [r for r in rows if r["method"] == method and r["sparsity"] in (sparsity, "0.0")]
+                if not mine:
+                    continue
+                if all(r["budget"] == 0 for r in mine):  # dense or one-shot: no training tokens
+                    ax.axhline(sum(r["perplexity"][text] for r in mine) / len(mine), ls="--", lw=1, label=method,
+                               color=colors[method])
+                    continue
+                by_budget = defaultdict(list)
+                for r in mine:
+                    by_budget[r["budget"]].append(r["perplexity"][text])
+                budgets = sorted(by_budget)
+                ax.plot([b * pretraining_tokens for b in budgets], [sum(by_budget[b]) / len(by_budget[b])
+                                                                    for b in budgets], marker="o", label=method,
+                        color=colors[method])
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{text}, sparsity {sparsity}")
+            ax.set_xlabel("tokens trained")
+            ax.set_ylabel("perplexity")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    pilot = [r for r in rows if r["method"].startswith(("pilot", "spred")) and r.get("train_log")]
+    if not pilot:
+        return None
+    fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4.2 * len(DIAGNOSTICS), 3.4))
+    for row in pilot:
+        label = f"{row['method']} {row['sparsity']} @ {row['budget']:.0%}"
+        for ax, name in zip(axes, DIAGNOSTICS):
+            points = [(h["step"] / row["steps"], h[name]) for h in row["train_log"] if name in h]
+            if points:
+                ax.plot(*zip(*points), label=label)
+    for ax, name in zip(axes, DIAGNOSTICS):
+        ax.set_title(name)
+        ax.set_xlabel("share of the run's steps")
+        if name in ("alpha", "prune_damage"):
+            ax.set_yscale("symlog", linthresh=1e-6)
+    axes[-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--plots", type=Path, default=ROOT / "docs" / "study", help="folder for the figures")
+    a = p.parse_args()
+    config = yaml.safe_load(a.config.read_text())
+    results = ROOT / config["results"]
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    tune = [r for r in rows if r["phase"] == "tune"]
+    test = [r for r in rows if r["phase"] == "test"]
+    if tune:
+        print(f"## Tune phase ({len(tune)} cells; sparsity {tune[0]['sparsity']}, budget {config['tune']['budget']:.0%}"
+              " of pretraining; validation texts)\n")
+        print(tune_table(tune, config["texts"]["tune"]))
+        print("\nBest per method (lowest geometric mean):")
+        for method, row in best_settings(tune).items():
+            print(f"- {method}: {settings_text(row['settings'])}")
+    if test:
+        print(f"\n## Test phase ({len(test)} cells; held-out texts)")
+        print(test_table(test, config["texts"]["test"]))
+        pretraining = json.loads((ROOT / config["model"] / "pretraining.json").read_text())["tokens_trained"]
+        a.plots.mkdir(parents=True, exist_ok=True)
+        for path in (plot_curves(test, config["texts"]["test"], pretraining, a.plots / f"{config['name']}-curves.png"),
+                     plot_diagnostics(test, a.plots / f"{config['name']}-diagnostics.png")):
+            if path:
+                print(f"\n![{path.stem}]({os.path.relpath(path, ROOT / 'docs')})")
+
+
+if __name__ == "__main__":
+    main()
