@@ -1,4 +1,4 @@
-"""Budget study (issue 29; docs/BENCHMARKS.md section 11): compression cells over methods x sparsities x budgets,
+"""Budget study (issue 29; docs/BENCHMARKS.md section 12): compression cells over methods x sparsities x budgets,
 run one at a time, each appended to a JSON-lines results file as soon as it ends (resumable: a cell already
 in the file is skipped; a cell in flight when the run stops is lost, nothing else).
 

@@ -1,4 +1,4 @@
-"""Budget study, part 1 (docs/BENCHMARKS.md section 11): the study's corpus, its BPE tokenizer and "the
+"""Budget study, part 1 (docs/BENCHMARKS.md section 12): the study's corpus, its BPE tokenizer and "the
 pretrained model" — a small dense Llama pretrained here, seeded, so that compression budgets can be a real
 share of its pretraining tokens, as in the literature on learned sparsity (issue 29).
 
