@@ -175,7 +175,7 @@ def test_demo_defaults_equal_the_demo_config():
     assert bare[0].model_name_or_path == "smollm2-135m" and bare[3].sparsity == 0.5
 
 
-COMMAND_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name not in ("accelerate", "study"))
+COMMAND_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "accelerate" and p.name != "part1.yaml")
 
 
 @pytest.mark.parametrize("config", COMMAND_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
