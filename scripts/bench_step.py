@@ -64,7 +64,12 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     common = dict(output_dir="/tmp/pilot-bench-step", max_steps=steps + warmup, per_device_train_batch_size=batch,
                   learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                  disable_tqdm=True, dataloader_num_workers=0)
+                  disable_tqdm=True, dataloader_num_workers=0,
+                  # the variant's own work only: no warm start, recovery or teacher unless the variant names one
+                  # (the library's defaults are the compression recipe: a Wanda start and pure distillation)
+                  **({} if variant in ("dense", "lora") else dict(
+                      warm_start=None, recovery_steps=0, lm_loss_weight=1.0, distill_logit_weight=0.0,
+                      distill_feature_weight=0.0)))
     times: list[float] = []
     cpu_times: list[float] = []  # this process's CPU time: less sensitive than wall time to busy neighbours
 
@@ -98,7 +103,7 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
               "pilot-kd": dict(distill_logit_weight=1.0, distill_feature_weight=1.0),
               "pilot-kd-pure": dict(distill_logit_weight=1.0, distill_feature_weight=1.0, lm_loss_weight=0.0),
               }.get(variant, {})
-        args = PILoTTrainingArguments(**common, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, ham=ham, **kd)
+        args = PILoTTrainingArguments(**{**common, **kd}, sparsity=0.5, alpha_init=1e-4, alpha_update_interval=2, ham=ham)
         trainer = PILoTTrainer(model=model, args=args, train_dataset=data, callbacks=[Clock()])
     trainer.train()
     step_s = statistics.median(times[warmup:])  # median: robust to a noisy neighbour
