@@ -57,10 +57,9 @@ def cells(config: dict, phase: str) -> list[dict]:
     if phase == "tune":
         tune = config["tune"]
         for method, grid in tune["grid"].items():
-            keys = sorted(grid or {})
-            for values in itertools.product(*(grid[k] for k in keys)):
+            for settings in grid_settings(grid):
                 out.append({"method": method, "sparsity": str(tune["sparsity"]), "budget": tune["budget"],
-                            "seed": 0, "settings": dict(zip(keys, values))})
+                            "seed": 0, "settings": settings})
     else:
         test = config["test"]
         for method, budget, sparsity in itertools.product(test["methods"], test["budgets"], test["sparsities"]):
@@ -73,6 +72,15 @@ def cells(config: dict, phase: str) -> list[dict]:
             cell["settings"] = {}
     unique = {cell_key(phase, c): {**c, "phase": phase} for c in out}
     return list(unique.values())
+
+
+def grid_settings(grid: dict | list | None) -> list[dict]:
+    """A method's tune settings: a mapping of lists is their product; a list holds mappings of lists, each a
+    product of its own (a grid and the points added where its best setting lay on an edge)."""
+    if isinstance(grid, list):
+        return [settings for part in grid for settings in grid_settings(part)]
+    keys = sorted(grid or {})
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def cell_key(phase: str, cell: dict) -> str:
