@@ -535,7 +535,7 @@ def _with_teacher_samples(dataset, teacher: Teacher, args: PILoTTrainingArgument
     if start is None:
         raise ValueError("teacher_sample_share starts the teacher's text at the document separator, but neither the "
                          "tokenizer (processing_class) nor the teacher's generation config names an EOS token.")
-    seen = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    seen = args.tokens_trained(args.max_steps, block_size=1)  # blocks seen: the run record's one formula
     keep, count = teacher_sample_split(len(dataset), seen, args.teacher_sample_share)
     if count == 0:
         return dataset
