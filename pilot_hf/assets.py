@@ -90,16 +90,17 @@ _PYGUIDE_PARTS = ("faq", "howto", "extending", "using", "installing", "distribut
                   "tutorial")
 
 
-def _python_doc_sources() -> Path:
-    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    candidates = (Path(sys.prefix) / "share" / f"python{version}-doc" / "_sources",  # scripts/setup.sh
-                  Path(f"/usr/share/doc/python{version}/html/_sources"))  # `apt install python{version}-doc`
-    for folder in candidates:
+def _debian_share(package: str, inside: str, apt_path: str) -> Path:
+    for folder in (Path(sys.prefix) / "share" / package / inside, Path(apt_path)):  # scripts/setup.sh, then apt
         if folder.is_dir():
             return folder
-    raise FileNotFoundError(f"the reStructuredText sources of the Python {version} documentation are not in "
-                            f"{[str(c) for c in candidates]}; scripts/setup.sh unpacks Debian's "
-                            f"python{version}-doc into the first (`apt-get download` + `dpkg -x`).")
+    raise FileNotFoundError(f"Debian's {package} is not unpacked in {Path(sys.prefix) / 'share' / package} (scripts/"
+                            f"setup.sh does it: `apt-get download` + `dpkg -x`) nor installed (`apt install {package}`) in {apt_path}.")
+
+
+def _python_doc_sources() -> Path:
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    return _debian_share(f"python{version}-doc", "_sources", f"/usr/share/doc/python{version}/html/_sources")
 
 
 def _pyguide() -> str:
@@ -127,14 +128,6 @@ def _devil() -> str:
     text = gzip.decompress(_devil_dictionary_file().read_bytes()).decode("utf-8")
     start, end = text.index("ABASEMENT, n."), text.rindex(" abcdefghijklmnopqrstuvwxyz")
     return text[start:end].strip("\n") + "\n"
-
-
-def _debian_share(package: str, inside: str, apt_path: str) -> Path:
-    for folder in (Path(sys.prefix) / "share" / package / inside, Path(apt_path)):  # scripts/setup.sh, then apt
-        if folder.is_dir():
-            return folder
-    raise FileNotFoundError(f"Debian's {package} is not unpacked in {Path(sys.prefix) / 'share' / package} (scripts/"
-                            f"setup.sh does it: `apt-get download` + `dpkg -x`) nor installed in {apt_path}.")
 
 
 def perl_manuals() -> list[Path]:
