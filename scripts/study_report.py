@@ -77,13 +77,21 @@ def test_table(rows: list[dict], texts: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out: Path) -> Path | None:
+def _pyplot():
+    """matplotlib's pyplot on a file backend, or None (with a note) where it is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("(no plot: pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out: Path) -> Path | None:
+    plt = _pyplot()
+    if plt is None:
         return None
     sparsities = sorted({r["sparsity"] for r in rows if r["budget"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -120,11 +128,8 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
 
 
 def plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     pilot = [r for r in rows if r["method"].startswith(("pilot", "spred")) and r.get("train_log")]
     if not pilot:
