@@ -91,9 +91,10 @@ _PYGUIDE_PARTS = ("faq", "howto", "extending", "using", "installing", "distribut
 
 
 def _debian_share(package: str, inside: str, apt_path: str) -> Path:
-    for folder in (Path(sys.prefix) / "share" / package / inside, Path(apt_path)):  # scripts/setup.sh, then apt
-        if folder.is_dir():
-            return folder
+    """A file or folder of a Debian package: where scripts/setup.sh unpacks it, else where apt installs it."""
+    for path in (Path(sys.prefix) / "share" / package / inside, Path(apt_path)):
+        if path.exists():
+            return path
     raise FileNotFoundError(f"Debian's {package} is not unpacked in {Path(sys.prefix) / 'share' / package} (scripts/"
                             f"setup.sh does it: `apt-get download` + `dpkg -x`) nor installed (`apt install {package}`) in {apt_path}.")
 
@@ -111,21 +112,12 @@ def _pyguide() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8").strip("\n") for f in files)
 
 
-def _devil_dictionary_file() -> Path:
-    candidates = (Path(sys.prefix) / "share" / "dict-devil" / "devil.dict.dz",  # scripts/setup.sh
-                  Path("/usr/share/dictd/devil.dict.dz"))  # `apt install dict-devil`
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"The Devil's Dictionary is not in {[str(c) for c in candidates]}; scripts/setup.sh "
-                            "unpacks Debian's dict-devil into the first (`apt-get download` + `dpkg -x`).")
-
-
 def _devil() -> str:
     """Ambrose Bierce, "The Devil's Dictionary" (1911, public domain): satirical definitions and verse, a third
     domain (literary American English) beside scripture and software documentation. The dictd file is gzip
     (dictzip) text; only the book is kept, from its first entry to its last, without the dictd headers."""
-    text = gzip.decompress(_devil_dictionary_file().read_bytes()).decode("utf-8")
+    dictionary = _debian_share("dict-devil", "devil.dict.dz", "/usr/share/dictd/devil.dict.dz")
+    text = gzip.decompress(dictionary.read_bytes()).decode("utf-8")
     start, end = text.index("ABASEMENT, n."), text.rindex(" abcdefghijklmnopqrstuvwxyz")
     return text[start:end].strip("\n") + "\n"
 

@@ -12,7 +12,7 @@ from conftest import byte_tokenizer
 from tokenizers import pre_tokenizers
 
 from pilot_hf import data as D
-from pilot_hf.assets import builtin_text
+from pilot_hf.assets import _debian_share, builtin_text
 
 
 def byte_ids(text: str, bos: bool = True) -> list[int]:
@@ -296,6 +296,11 @@ def test_devil_text_is_the_book_without_the_dictd_headers():
     assert "00-database" not in text and "dictfmt" not in text and text.count("\n") > 5_000
     # the held-out tail is the end of the alphabet, never seen in training
     assert D.builtin_split("devil", "test").lstrip().startswith(("T", "U"))
+
+
+def test_a_missing_debian_text_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"scripts/setup.sh does it.*`apt install no-such-doc`"):
+        _debian_share("no-such-doc", "folder", str(tmp_path / "nowhere"))
 
 
 def test_fortunes_and_perldoc_are_texts_of_their_own_domains():
