@@ -607,14 +607,23 @@ def teacher_sample_split(text_blocks: int, seen_blocks: int, share: float) -> tu
     return text_blocks, round(share / (1 - share) * text_blocks)
 
 
+def check_mixable(dataset) -> None:
+    """Refuse, before any sampling, training data that teacher samples cannot be mixed into: it must be a
+    datasets.Dataset of packed blocks (input_ids, and optionally attention_mask and labels)."""
+    columns = set(getattr(dataset, "column_names", None) or ())
+    if not isinstance(dataset, datasets.Dataset) or "input_ids" not in columns \
+            or not columns <= {"input_ids", "attention_mask", "labels"}:
+        raise ValueError(f"teacher_sample_share mixes the teacher's text into a datasets.Dataset of packed blocks "
+                         f"(input_ids, attention_mask, labels); this training data is a {type(dataset).__name__} "
+                         f"with the columns {sorted(columns)}. Pass packed blocks or teacher_sample_share=0.")
+
+
 def mix_teacher_samples(dataset: datasets.Dataset, samples: list[list[int]], keep_text: int,
                         seed: int) -> datasets.Dataset:
     """Packed training blocks with teacher-written blocks mixed in: `keep_text` blocks of `dataset` (a seeded
     random subset when fewer than all) and every sample, with the same columns (labels = input_ids)."""
+    check_mixable(dataset)
     columns = set(dataset.column_names)
-    if not columns <= {"input_ids", "attention_mask", "labels"}:
-        raise ValueError(f"teacher samples mix into packed blocks (input_ids, attention_mask, labels); this "
-                         f"training data has the columns {sorted(columns)}.")
     lengths = {len(s) for s in samples} | {len(dataset[0]["input_ids"])}
     if len(lengths) != 1:
         raise ValueError(f"teacher samples and training blocks must have one length, got {sorted(lengths)}.")

@@ -31,6 +31,7 @@ from .card import CardInfo, card_info_for_run, write_model_card
 from .config import PILoTConfig
 from .data import (
     calibration_blocks,
+    check_mixable,
     check_same_data,
     data_fingerprint,
     mix_teacher_samples,
@@ -525,9 +526,7 @@ def _warm_start(model: nn.Module, args: PILoTTrainingArguments, config: PILoTCon
 def _with_teacher_samples(dataset, teacher: Teacher, args: PILoTTrainingArguments, tokenizer):
     """The training blocks with the teacher's own text mixed in: args.teacher_sample_share of the blocks the run
     sees. Every process samples the same blocks (same seed), so the distributed sampler splits one dataset."""
-    if not hasattr(dataset, "select") or "input_ids" not in dataset.column_names:
-        raise ValueError("teacher_sample_share mixes teacher text into a datasets.Dataset of packed blocks "
-                         "(input_ids); this training data is not one. Pass packed blocks or teacher_sample_share=0.")
+    check_mixable(dataset)
     start = getattr(tokenizer, "eos_token_id", None)
     if start is None:
         start = teacher.model.generation_config.eos_token_id

@@ -72,6 +72,15 @@ def test_trainer_mixes_the_teachers_text_into_what_the_run_sees_and_trains_on_it
     assert trainer.args.run_settings()["teacher_sample_share"] == 0.5
 
 
+def test_data_the_samples_cannot_mix_into_is_refused_before_the_teacher_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(Teacher, "sample", lambda *a, **k: pytest.fail("sampled before checking the data"))
+    text = arithmetic_dataset(16).add_column("text", ["2 + 2"] * 16)
+    args = make_args(tmp_path, **KD, teacher_sample_share=0.5, max_steps=2, per_device_train_batch_size=8)
+    with pytest.raises(ValueError, match=r"packed blocks .*the columns \['input_ids', 'labels', 'text'"
+                                         r"\]\. Pass packed blocks or teacher_sample_share=0"):
+        PILoTTrainer(model=two_token_model(), args=args, train_dataset=text)
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(teacher_sample_share=1.5), "must be in \\[0, 1\\]"),
     (dict(teacher_sample_share=0.5, lm_loss_weight=1.0, distill_logit_weight=0.0, distill_feature_weight=0.0),
