@@ -81,6 +81,17 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
             times.append(time.perf_counter() - self.t)
             cpu_times.append(time.process_time() - self.cpu)
 
+    ham_times: list[float] = []  # HAM's own step, timed inside the run: its cost without run-to-run noise
+    if ham:
+        from pilot_hf import schedule
+
+        def timed_ham_step(*a, _step=schedule.ham_step, **k):
+            started = time.perf_counter()
+            _step(*a, **k)
+            ham_times.append(time.perf_counter() - started)
+
+        schedule.ham_step = timed_ham_step
+
     if variant in ("finetune", "lora"):  # an already sparse model: 50% by magnitude, per layer
         from pilot_hf import magnitude_prune
 
@@ -109,7 +120,7 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     step_s = statistics.median(times[warmup:])  # median: robust to a noisy neighbour
     return {"variant": variant + ("-ham" if ham else ""), "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
             "step_s": step_s, "step_cpu_s": statistics.median(cpu_times[warmup:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "libs_rss_mb": rss_libs / 1024}
+            "libs_rss_mb": rss_libs / 1024, "ham_s": statistics.median(ham_times[warmup:]) if ham_times else 0.0}
 
 
 def main() -> None:
@@ -162,6 +173,11 @@ def main() -> None:
                  + [f"{cpu[v] / cpu[base]:.3f}" for v in variants[1:]]
                  + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak[base]:.3f}" for v in variants[1:]])
         print(f"| {spec} | {res[base][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
+        for v in variants:
+            if v.endswith("-ham"):  # the firm figure: HAM's step against the step it is added to, in one process
+                ham_s = statistics.median(r["ham_s"] for r in res[v])
+                print(f"{spec}: {VARIANTS[v]}: HAM's own step takes {ham_s:.3f} s of the {step[v]:.3f} s step, a cost "
+                      f"of {step[v] / (step[v] - ham_s):.3f}x over the same step without it")
     if a.repeats > 1:
         print(f"\nrange over the {a.repeats} runs of each variant:")
         print("\n".join(spreads))
