@@ -21,6 +21,8 @@ already returns the delta in that layout (its fan_in_fan_out handling), so masks
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -44,6 +46,7 @@ FINETUNE_CARDS = {
            "the zeros of the model it started from.")}
 KEEP_MASKS_ATTR = "pilot_keep_masks"  # a plain attribute of the PeftModel: never a parameter or buffer
 DEFAULT_ADAPTER = "default"
+ADAPTER_LEARNING_RATE = 1e-4  # adapters start at zero: the weights' scale says nothing about their step
 
 
 def keep_masks_from_zeros(model: nn.Module, config: PILoTConfig | None = None) -> dict[str, torch.Tensor]:
@@ -198,6 +201,9 @@ def train_sparse_lora(model: nn.Module, lora_config, args, *, teacher=None, resu
     from transformers import Trainer, set_seed
 
     set_seed(args.seed)
+    if getattr(args, "learning_rate", None) is None:  # PILoTTrainingArguments' default scales weights, not adapters
+        args = copy.copy(args)
+        args.learning_rate = ADAPTER_LEARNING_RATE
     if teacher is not None:
         teacher.check_compatible(model, need_hidden=getattr(args, "distill_feature_weight", 1.0) > 0)
     peft_model = prepare_sparse_lora(model, lora_config)

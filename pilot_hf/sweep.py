@@ -136,6 +136,7 @@ def run_cell(base_model, tokenizer, spec: MethodSpec, sparsity_spec: str, traini
             trainer.train()
         model = trainer.model
         extra = {"tokens_trained": args.tokens_trained(trainer.state.global_step, len(blocks[0]["input_ids"])),
+                 "learning_rate": trainer.args.learning_rate,  # resolved from the weights' scale unless given
                  "train_log": [h for h in trainer.state.log_history if "loss" in h],
                  "alpha_history": trainer.controller.history if trainer.controller else []}
     elif spec.oneshot:

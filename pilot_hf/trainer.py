@@ -92,6 +92,7 @@ class PILoTTrainer(Trainer):
         if user_config is not None:
             args = args.for_wrapping(user_config)  # the run settings record the targets and β that ran
         self.pilot_config = user_config or args.pilot_config()
+        args = args.for_model(model, self.pilot_config)  # learning_rate from the weights' scale unless given
         self.check_pattern(model, args, self.pilot_config)
         _check_fsdp_loading()
         if args.distills and args.teacher_model_name_or_path:  # equal vocabulary sizes are not the same vocabulary

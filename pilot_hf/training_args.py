@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
@@ -12,6 +13,9 @@ from .config import ALL_LINEAR, PILoTConfig
 from .methods import check_trained_method, check_warm_start
 from .pruning import SparsityPattern
 from .regularization import SCHEDULES
+from .wrapping import weight_rms
+
+logger = logging.getLogger(__name__)
 
 # What each trained method means when its knobs are left unset.
 _METHOD_DEFAULTS = {
@@ -48,8 +52,9 @@ class PILoTTrainingArguments(TrainingArguments):
     """`TrainingArguments` for `PILoTTrainer`. Every field below has a command-line flag of the same name.
 
     The defaults are the best recipe the benchmarks know (docs/DESIGN.md, "Defaults"): a Wanda warm start,
-    32 steps of AdamW at lr 1e-4 (constant) with the last quarter as recovery, and pure distillation from the
-    model as given. The CLI, the demo and the Python API all start from these same values.
+    32 steps of AdamW at a constant learning rate of 5e-4 x the RMS of the target weights (about 1e-4 on
+    SmolLM2-135M) with the last quarter as recovery, and pure distillation from the model as given. The CLI,
+    the demo and the Python API all start from these same values.
     """
 
     # ----- the recipe's budget and optimizer: TrainingArguments' own fields, with pilot-hf's defaults -----
@@ -60,9 +65,15 @@ class PILoTTrainingArguments(TrainingArguments):
         "help": "Epochs to train; used only with max_steps -1 (pilot-hf's default is a step budget)."})
     per_device_train_batch_size: int = field(default=4, metadata={
         "help": "Blocks per device and step (the benchmarks: 4 blocks of 256 tokens)."})
-    learning_rate: float = field(default=1e-4, metadata={
-        "help": "Learning rate of the weights (masks: mask_learning_rate). 1e-4 beat 1e-3 on the validation text "
-                "(docs/BENCHMARKS.md section 2)."})
+    learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the weights (masks: mask_learning_rate). Default: relative_learning_rate times "
+                "the RMS of the target weights of the model as given."})
+    relative_learning_rate: float = field(default=5e-4, metadata={
+        "help": "Used when learning_rate is not given: the learning rate is this share of the root mean square of "
+                "the target layers' weights in the model as given (before any pruning), to 3 significant digits. "
+                "Adam moves every entry by about lr per step, so this fixes the step relative to the weights' size: "
+                "5e-4 gives 9.67e-5 on SmolLM2-135M (RMS 0.193) and 1.72e-5 on Gemma 3 270M (RMS 0.034), each "
+                "model at or between the best of its searched rates (docs/BENCHMARKS.md section 13)."})
     lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={
         "help": "The learning-rate schedule (see transformers' SchedulerType). Default constant, as benchmarked."})
     logging_steps: float = field(default=4, metadata={
@@ -320,6 +331,11 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError(f"l1_ratio_threshold={self.l1_ratio_threshold}: K is a ratio in (0, 1].")
         if self.loss_tolerance < 0:
             raise ValueError(f"loss_tolerance={self.loss_tolerance}: must be ≥ 0.")
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise ValueError(f"learning_rate={self.learning_rate!r}: must be a finite number > 0 (or unset for "
+                             "relative_learning_rate x the weights' RMS).")
+        if not 0 < self.relative_learning_rate < float("inf"):
+            raise ValueError(f"relative_learning_rate={self.relative_learning_rate!r}: must be a finite number > 0.")
         if self.mask_learning_rate is not None and not self.mask_learning_rate > 0:
             raise ValueError(f"mask_learning_rate={self.mask_learning_rate}: must be > 0 (or None for learning_rate).")
         if self.max_steps == 0:
@@ -389,6 +405,19 @@ class PILoTTrainingArguments(TrainingArguments):
                       beta=config.beta if config.init == "pilot" else self.beta)
         return type(self)(**values)
 
+    def for_model(self, model, config: PILoTConfig | None = None) -> PILoTTrainingArguments:
+        """These arguments with the learning rate resolved for `model` as given: a copy with learning_rate =
+        relative_learning_rate x RMS of its target weights, or these arguments unchanged if learning_rate is set."""
+        if self.learning_rate is not None:
+            return self
+        resolved = copy.copy(self)
+        rms = weight_rms(model, config or self.pilot_config())
+        resolved.learning_rate = float(f"{self.relative_learning_rate * rms:.3g}")
+        resolved.learning_rate_from_weights = True  # the run settings then record the rule beside the value
+        logger.info("learning_rate %.3g = relative_learning_rate %g x RMS %.4g of the target weights",
+                    resolved.learning_rate, self.relative_learning_rate, rms)
+        return resolved
+
     @property
     def prunes(self) -> bool:
         """Whether training ends pruned to a target (sparsity 0 trains without pruning)."""
@@ -415,8 +444,10 @@ class PILoTTrainingArguments(TrainingArguments):
         return steps * self.train_batch_size * self.world_size * self.gradient_accumulation_steps * block_size
 
     def run_settings(self) -> dict:
-        """The run settings record (RUN_SETTINGS, and HAM_SETTINGS when ham is on), as plain JSON values."""
-        names = RUN_SETTINGS + (HAM_SETTINGS if self.ham else ())
+        """The run settings record (RUN_SETTINGS; relative_learning_rate when the learning rate comes from it;
+        HAM_SETTINGS when ham is on), as plain JSON values."""
+        relative = self.learning_rate is None or getattr(self, "learning_rate_from_weights", False)
+        names = RUN_SETTINGS + (("relative_learning_rate",) if relative else ()) + (HAM_SETTINGS if self.ham else ())
         return {name: _plain(getattr(self, name)) for name in names}
 
 

@@ -3,8 +3,8 @@
 # sweep skips its finished cells, and each finished sweep's results.json is copied to docs/recipe/NAME.json and
 # committed (with --commit), so a stopped session loses at most the cell in flight.
 #   bash scripts/recipe_study.sh search [--commit]     # variants on the validation texts (kjv, pydoc, devil)
-#   RECIPE="--teacher_sample_share 0.5" bash scripts/recipe_study.sh test [--commit]
-#                                                      # the chosen recipe, 2 seeds, 50% and 2:4, test texts too
+#   bash scripts/recipe_study.sh test [--commit]       # the default recipe, 2 seeds, 50% and 2:4, test texts too
+#   RECIPE="--learning_rate 3e-5" bash scripts/recipe_study.sh test [--commit]   # or a variant of it
 # Run it alone on the machine, under the heavy-job lock: flock /tmp/pilot.lock bash scripts/recipe_study.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."

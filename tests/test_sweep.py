@@ -36,6 +36,7 @@ def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: 
     # A cell records the same run settings record as run_config.json and the card (method, warm start, budget).
     training = by_cell[("finetune+wanda", "0.5")]["settings"]["training"]
     assert training["method"] == "finetune" and training["warm_start"] == "wanda" and training["max_steps"] == 4
+    assert by_cell[("finetune+wanda", "0.5")]["learning_rate"] == 1e-4  # the rate the cell trained with
 
     # Interrupted sweep: drop one finished cell, rerun with one more method: only the missing cells run.
     stored = json.loads((out / "results.json").read_text())

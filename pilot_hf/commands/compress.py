@@ -64,7 +64,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
             results = finish(
                 output.staging, "compress", argv, trainer.model, tokenizer, eval_args, started_at=started_at,
                 before=dense, start=start, sparsity_report=trainer.sparsity_report, metrics=metrics,
-                settings={**training_args.run_settings(), "max_steps": trainer.state.max_steps},
+                settings={**trainer.args.run_settings(), "max_steps": trainer.state.max_steps},
                 inputs={"model": asdict(model_args), "data": asdict(data_args), "eval": asdict(eval_args)},
                 card={"base_model": base_model,
                       "training_data": f"{data_args.dataset_name or data_args.train_file} (train split)"})

@@ -118,7 +118,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArg
         training_args.output_dir = str(output.final)
         if is_main:
             report = sparsity_report(model, config)
-            settings = {**training_args.run_settings(), "max_steps": trainer.state.max_steps, "method": "finetune",
+            settings = {**trainer.args.run_settings(), "max_steps": trainer.state.max_steps, "method": "finetune",
                         "sparsity": sparsity_before, "sparsity_pattern": pattern, **ft_args.settings()}
             metrics = {"train": train_output.metrics, "mode": "lora" if ft_args.lora else "full",
                        "sparsity_before": sparsity_before, "sparsity_report_total": report["total"],
