@@ -60,6 +60,9 @@ def cells(config: dict, phase: str) -> list[dict]:
             for settings in grid_settings(grid):
                 out.append({"method": method, "sparsity": str(tune["sparsity"]), "budget": tune["budget"],
                             "seed": 0, "settings": settings})
+        for method, settings in (tune.get("second_seed") or {}).items():  # a close call, checked in seed 1
+            out.append({"method": method, "sparsity": str(tune["sparsity"]), "budget": tune["budget"], "seed": 1,
+                        "settings": settings})
     else:
         test = config["test"]
         for method, budget, sparsity in itertools.product(test["methods"], test["budgets"], test["sparsities"]):

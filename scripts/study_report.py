@@ -33,9 +33,12 @@ def settings_text(settings: dict) -> str:
 
 
 def best_settings(rows: list[dict]) -> dict[str, dict]:
-    """Per method, the tune row with the lowest geometric mean of the validation perplexities."""
+    """Per method, the tune row with the lowest geometric mean of the validation perplexities (seed 0: the
+    grid; other seeds check a close call and are read beside it)."""
     best = {}
     for row in rows:
+        if row["seed"] != 0:
+            continue
         score = geomean(row["perplexity"].values())
         if row["method"] not in best or score < best[row["method"]][0]:
             best[row["method"]] = (score, row)
@@ -44,12 +47,12 @@ def best_settings(rows: list[dict]) -> dict[str, dict]:
 
 def tune_table(rows: list[dict], texts: list[str]) -> str:
     best = {id(r) for r in best_settings(rows).values()}
-    lines = [f"| method | settings | {' | '.join(texts)} | geo. mean | steps | time (s) |",
-             "|---|---|" + "---|" * (len(texts) + 3)]
+    lines = [f"| method | settings | seed | {' | '.join(texts)} | geo. mean | steps | time (s) |",
+             "|---|---|---|" + "---|" * (len(texts) + 3)]
     for row in rows:
         mark = "**" if id(row) in best else ""
         ppl = " | ".join(f"{row['perplexity'][t]:.2f}" for t in texts)
-        lines.append(f"| {mark}{row['method']}{mark} | {settings_text(row['settings'])} | {ppl} | "
+        lines.append(f"| {mark}{row['method']}{mark} | {settings_text(row['settings'])} | {row['seed']} | {ppl} | "
                      f"{mark}{geomean(row['perplexity'][t] for t in texts):.2f}{mark} | {row.get('steps', 0)} | "
                      f"{row['time_s']:.0f} |")
     return "\n".join(lines)

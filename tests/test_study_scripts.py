@@ -1,0 +1,39 @@
+"""The budget study's scripts (scripts/study_cells.py, study_report.py): which cells a config asks for, and
+which tune row is chosen. The real study config is read, so an edit that breaks it fails here, not hours in."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_second_seed_cells_repeat_a_tuned_setting_in_seed_1():
+    cells_module = _script("study_cells")
+    config = cells_module.load_config(ROOT / "configs" / "study" / "part1.yaml")
+    cells = cells_module.cells(config, "tune")
+    keys = [cells_module.cell_key("tune", c) for c in cells]
+    assert len(keys) == len(set(keys))
+    seed1 = [c for c in cells if c["seed"] == 1]
+    assert {(c["method"], tuple(sorted(c["settings"].items()))) for c in seed1} == {
+        ("gmp", (("learning_rate", 3e-4),)), ("gmp+ham", (("ham_alpha", 10.0), ("learning_rate", 3e-4)))}
+    seed0 = {(c["method"], tuple(sorted(c["settings"].items()))) for c in cells if c["seed"] == 0}
+    assert all((c["method"], tuple(sorted(c["settings"].items()))) in seed0 for c in seed1)  # the same settings
+
+
+def test_the_choice_is_made_on_seed_0_only():
+    report = _script("study_report")
+    rows = [{"method": "gmp", "seed": 0, "settings": {"learning_rate": 3e-4}, "perplexity": {"a": 10.0}},
+            {"method": "gmp", "seed": 0, "settings": {"learning_rate": 1e-3}, "perplexity": {"a": 12.0}},
+            {"method": "gmp", "seed": 1, "settings": {"learning_rate": 1e-3}, "perplexity": {"a": 9.0}}]
+    assert report.best_settings(rows)["gmp"]["settings"] == {"learning_rate": 3e-4}
