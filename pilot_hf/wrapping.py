@@ -240,14 +240,14 @@ def weight_rms(model: nn.Module, config: PILoTConfig | None = None) -> float:
     """Root mean square of all target layers' weights together (mask ⊙ weight where wrapped)."""
     layers = masked_layers(model) or find_target_layers(model, config)
     total, count = 0.0, 0
-    with torch.no_grad():
-        for layer in layers.values():
-            weight = effective_weight(layer)
-            total += float(weight.float().pow(2).sum())
-            count += weight.numel()
+    for layer in layers.values():
+        weight = effective_weight(layer)
+        total += float(weight.float().pow(2).sum())
+        count += weight.numel()
     return (total / count) ** 0.5
 
 
+@torch.no_grad()
 def sparsity_report(model: nn.Module, config: PILoTConfig | None = None) -> dict:
     """Zeros per target layer and in total (JSON-serializable). Wrapped layers count zeros of mask ⊙ weight."""
     layers = masked_layers(model) or find_target_layers(model, config)

@@ -3,8 +3,8 @@
     python scripts/example_pilot_trainer.py [--max_steps 32] [--output_dir outputs/example]
 
 Same run as the CLI demo's, written out: data -> PILoTTrainer with the default recipe (Wanda warm start, pure
-distillation from the model as given, a constant lr of 5e-4 x the weights' RMS, the last quarter of the steps as recovery) -> plain
-sparse model -> perplexity -> save. `warm_start=None` starts PILoT from the dense weights instead;
+distillation from the model as given, a constant lr of 5e-4 x the weights' RMS, the last quarter of the steps
+as recovery) -> plain sparse model -> perplexity -> save. `warm_start=None` starts PILoT from the dense weights instead;
 `lm_loss_weight=1, distill_logit_weight=0, distill_feature_weight=0` trains on the LM loss alone.
 """
 

@@ -90,7 +90,8 @@ def test_cli_with_a_model_and_the_api_get_the_same_run_settings(tiny_dir, tmp_pa
     assert args[3].run_settings() == api.run_settings()
     assert command_line.given == {"model_name_or_path", "train_file", "output_dir"}
     expected = {"warm_start": "wanda", "max_steps": 32, "recovery_steps": 8, "alpha_update_interval": 4,
-                "learning_rate": None, "relative_learning_rate": 5e-4, "lr_scheduler_type": "constant", "per_device_train_batch_size": 4,
+                "learning_rate": None, "relative_learning_rate": 5e-4, "lr_scheduler_type": "constant",
+                "per_device_train_batch_size": 4,
                 "lm_loss_weight": 0.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
     assert {k: api.run_settings()[k] for k in expected} == expected
     assert api.save_strategy == "no" and api.logging_steps == 4
@@ -105,7 +106,8 @@ def test_help_shows_the_defaults_the_run_records(capsys):
     text = " ".join(capsys.readouterr().out.split())
     recorded = PILoTTrainingArguments(output_dir="unused").run_settings()
     shown = {}
-    for key in ("max_steps", "learning_rate", "relative_learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "warm_start",
+    for key in ("max_steps", "learning_rate", "relative_learning_rate", "lr_scheduler_type",
+                "per_device_train_batch_size", "warm_start",
                 "lm_loss_weight", "distill_logit_weight", "distill_feature_weight", "mask_learning_rate",
                 "alpha_init", "num_calibration_samples", "sparsity_pattern"):
         after_flag = text.split(f"--{key.replace('_', '-')} ", 1)[1]  # the flag's help entry
