@@ -35,6 +35,10 @@ case $phase in
     # the default and the best Gemma variant on SmolLM2 (samples50 lost on every Gemma text: not carried over)
     run search-smollm2-default configs/recipe/search_smollm2.yaml
     run search-smollm2-lr3e-5 configs/recipe/search_smollm2.yaml --learning_rate 3.0e-5
+    # The training-domain goal (KJV within 5% of the LM loss alone): with the rule's learning rate, seed 0, so that
+    # the pure-distillation reference on kjv, pydoc and devil is test-*-seed0 (same Wanda start, same rate)
+    run search-gemma3-seed0-lmonly configs/recipe/search_gemma3.yaml --seed 0 --methods wanda pilot+wanda
+    run search-gemma3-seed0-lm1 configs/recipe/search_gemma3.yaml --seed 0 --lm_loss_weight 1
     ;;
   test)
     read -r -a recipe <<< "${RECIPE:-}"

@@ -64,8 +64,8 @@ def cells(config: dict, phase: str) -> list[dict]:
             out.append({"method": method, "sparsity": str(tune["sparsity"]), "budget": tune["budget"], "seed": 1,
                         "settings": settings})
     else:
-        test = config["test"]
-        for method, budget, sparsity in itertools.product(test["methods"], test["budgets"], test["sparsities"]):
+        test = config["test"]  # budget by budget, so that each finished budget is a whole column of the table
+        for budget, sparsity, method in itertools.product(test["budgets"], test["sparsities"], test["methods"]):
             for seed in test.get("seeds", {}).get(method, [0]):
                 out.append({"method": method, "sparsity": str(sparsity), "budget": budget, "seed": seed,
                             "settings": (test.get("chosen") or {}).get(method, {})})

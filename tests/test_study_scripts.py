@@ -37,3 +37,16 @@ def test_the_choice_is_made_on_seed_0_only():
             {"method": "gmp", "seed": 0, "settings": {"learning_rate": 1e-3}, "perplexity": {"a": 12.0}},
             {"method": "gmp", "seed": 1, "settings": {"learning_rate": 1e-3}, "perplexity": {"a": 9.0}}]
     assert report.best_settings(rows)["gmp"]["settings"] == {"learning_rate": 3e-4}
+
+
+def test_test_phase_runs_budget_by_budget_with_the_chosen_settings_and_its_extra_seeds():
+    cells_module = _script("study_cells")
+    config = cells_module.load_config(ROOT / "configs" / "study" / "part1.yaml")
+    config["test"] = {"budgets": [0.01, 0.25], "sparsities": [0.7], "methods": ["wanda", "gmp", "pilot"],
+                      "chosen": {"gmp": {"learning_rate": 3e-4}}, "seeds": {"gmp": [0, 1]}}
+    cells = cells_module.cells(config, "test")
+    assert [(c["method"], c["budget"], c["seed"]) for c in cells] == [
+        ("wanda", 0.0, 0), ("gmp", 0.01, 0), ("gmp", 0.01, 1), ("pilot", 0.01, 0),  # a whole budget first
+        ("gmp", 0.25, 0), ("gmp", 0.25, 1), ("pilot", 0.25, 0)]                      # one-shot once, budget 0
+    assert all(c["settings"] == {"learning_rate": 3e-4} for c in cells if c["method"] == "gmp")
+    assert all(c["settings"] == {} for c in cells if c["method"] != "gmp")
