@@ -4,7 +4,7 @@
 # committed (with --commit), so a stopped session loses at most the cell in flight.
 #   bash scripts/recipe_study.sh search [--commit]     # variants on the validation texts (kjv, pydoc, devil)
 #   bash scripts/recipe_study.sh test [--commit]       # the default recipe, 2 seeds, 50% and 2:4, test texts too
-#   RECIPE="--learning_rate 3e-5" bash scripts/recipe_study.sh test [--commit]   # or a variant of it
+#   VARIANT=lm1 RECIPE="--lm_loss_weight 1" bash scripts/recipe_study.sh test [--commit]   # or a variant of it
 # Run it alone on the machine, under the heavy-job lock: flock /tmp/pilot.lock bash scripts/recipe_study.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,13 +39,19 @@ case $phase in
     # the pure-distillation reference on kjv, pydoc and devil is test-*-seed0 (same Wanda start, same rate)
     run search-gemma3-seed0-lmonly configs/recipe/search_gemma3.yaml --seed 0 --methods wanda pilot+wanda
     run search-gemma3-seed0-lm1 configs/recipe/search_gemma3.yaml --seed 0 --lm_loss_weight 1
+    run search-smollm2-seed0-lmonly configs/recipe/search_smollm2.yaml --seed 0 --methods wanda pilot+wanda
+    run search-smollm2-seed0-lm1 configs/recipe/search_smollm2.yaml --seed 0 --lm_loss_weight 1
+    # the dense models on the same texts: how far the teacher itself is from what the students reach
+    run search-gemma3-dense configs/recipe/search_gemma3.yaml --methods dense
+    run search-smollm2-dense configs/recipe/search_smollm2.yaml --methods dense
     ;;
   test)
     read -r -a recipe <<< "${RECIPE:-}"
+    variant=${VARIANT:+$VARIANT-}  # a variant's runs are named test-VARIANT-MODEL-seedN
     bash scripts/get_gemma3_270m.sh
     for seed in 0 1; do
-      run "test-smollm2-seed$seed" configs/recipe/test_smollm2.yaml --seed "$seed" "${recipe[@]}"
-      run "test-gemma3-seed$seed" configs/recipe/test_gemma3.yaml --seed "$seed" "${recipe[@]}"
+      run "test-${variant}smollm2-seed$seed" configs/recipe/test_smollm2.yaml --seed "$seed" "${recipe[@]}"
+      run "test-${variant}gemma3-seed$seed" configs/recipe/test_gemma3.yaml --seed "$seed" "${recipe[@]}"
     done
     ;;
   *) echo "unknown phase $phase: use search or test" >&2; exit 2 ;;

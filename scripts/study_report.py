@@ -49,7 +49,10 @@ def tune_table(rows: list[dict], texts: list[str]) -> str:
     best = {id(r) for r in best_settings(rows).values()}
     lines = [f"| method | settings | seed | {' | '.join(texts)} | geo. mean | steps | time (s) |",
              "|---|---|---|" + "---|" * (len(texts) + 3)]
-    for row in rows:
+    first = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row["method"], i)
+    for row in sorted(rows, key=lambda r: (first[r["method"]], r["seed"])):  # a method's rows together, in run order
         mark = "**" if id(row) in best else ""
         ppl = " | ".join(f"{row['perplexity'][t]:.2f}" for t in texts)
         lines.append(f"| {mark}{row['method']}{mark} | {settings_text(row['settings'])} | {row['seed']} | {ppl} | "
