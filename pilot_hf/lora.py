@@ -196,7 +196,7 @@ def train_sparse_lora(model: nn.Module, lora_config, args, *, teacher=None, resu
     keep-mask. Returns (the merged, exactly sparse model, the trainer, train()'s output). The adapters' random
     init is seeded with `args.seed`, so a run (and its resume) is reproducible. `teacher`: a
     `distillation.Teacher` to distil from, with `args`' weights (PILoTTrainingArguments' distillation fields;
-    a plain TrainingArguments gets the recipe: pure distillation). `adapter_dir`: also save the trained adapter
+    a plain TrainingArguments gets the recipe: LM loss + distillation, weights 1). `adapter_dir`: also save the trained adapter
     there (PeftModel.from_pretrained), before the merge."""
     from transformers import Trainer, set_seed
 
@@ -234,7 +234,7 @@ def _distilling_trainer_class():
             if self.teacher is None or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             a = self.args
-            lm_weight, logit_weight = getattr(a, "lm_loss_weight", 0.0), getattr(a, "distill_logit_weight", 1.0)
+            lm_weight, logit_weight = getattr(a, "lm_loss_weight", 1.0), getattr(a, "distill_logit_weight", 1.0)
             feature_weight = getattr(a, "distill_feature_weight", 1.0)
             student_inputs = {**inputs, "output_hidden_states": True} if feature_weight > 0 else inputs
             if lm_weight > 0:

@@ -53,7 +53,7 @@ class PILoTTrainingArguments(TrainingArguments):
 
     The defaults are the best recipe the benchmarks know (docs/DESIGN.md, "Defaults"): a Wanda warm start,
     32 steps of AdamW at a constant learning rate of 5e-4 x the RMS of the target weights (about 1e-4 on
-    SmolLM2-135M) with the last quarter as recovery, and pure distillation from the model as given. The CLI,
+    SmolLM2-135M) with the last quarter as recovery, and the LM loss plus distillation from the model as given. The CLI,
     the demo and the Python API all start from these same values.
     """
 
@@ -202,11 +202,12 @@ class PILoTTrainingArguments(TrainingArguments):
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
     lm_loss_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the language-modeling loss on the training text. Default 0: pure distillation "
-                  "(with distill_logit_weight 1 and distill_feature_weight 1), which kept text of other domains "
-                  "below the one-shot start (docs/BENCHMARKS.md section 8). 1 (and both distillation weights 0 to "
-                  "drop the teacher): specialize the model to the training text."})
+        default=1.0,
+        metadata={"help": "Weight of the language-modeling loss on the training text. Default 1, beside "
+                  "distill_logit_weight 1 and distill_feature_weight 1: learns the text while the teacher keeps "
+                  "text of other domains below the one-shot start (docs/BENCHMARKS.md section 13). 0: pure "
+                  "distillation (recover the model as given, learn nothing of the text). Both distillation "
+                  "weights 0: the LM loss alone, no teacher (specialize the model to the text)."})
     distill_logit_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of logit distillation from the teacher: T²·KL(teacher ‖ student) of the "

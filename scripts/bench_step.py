@@ -66,7 +66,7 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
                   learning_rate=1e-4, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                   disable_tqdm=True, dataloader_num_workers=0,
                   # the variant's own work only: no warm start, recovery or teacher unless the variant names one
-                  # (the library's defaults are the compression recipe: a Wanda start and pure distillation)
+                  # (the library's defaults are the compression recipe: a Wanda start and a teacher)
                   **({} if variant in ("dense", "lora") else dict(
                       warm_start=None, recovery_steps=0, lm_loss_weight=1.0, distill_logit_weight=0.0,
                       distill_feature_weight=0.0)))

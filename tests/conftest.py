@@ -29,7 +29,7 @@ TINY_CONFIGS = {
 ARCHITECTURES = sorted(TINY_CONFIGS)
 
 # The trainer tests' own setting, stated rather than inherited from the defaults (which are the compression
-# recipe: a Wanda start, recovery, pure distillation, a constant learning rate): plain training on the LM loss.
+# recipe: a Wanda start, recovery, LM loss + distillation, a constant learning rate): plain training on the LM loss.
 PLAIN_TRAINING = dict(warm_start=None, recovery_steps=0, lm_loss_weight=1.0, distill_logit_weight=0.0,
                       distill_feature_weight=0.0, lr_scheduler_type="linear")
 

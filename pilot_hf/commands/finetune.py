@@ -2,7 +2,7 @@
 
 Full mode (default): PILoTTrainer with method='finetune', sparsity=0, keep_zeros=True: every target weight
 that is 0 at the start stays exactly 0 (re-applied after each optimizer step). With a dense teacher
-(--teacher_model_name_or_path) it runs compress's recipe, pure distillation; without one, the LM loss.
+(--teacher_model_name_or_path) it runs compress's recipe, LM loss + distillation; without one, the LM loss.
 LoRA mode (--lora): PEFT adapters on the frozen sparse base, merged through its keep-mask
 (`pilot_hf.lora.train_sparse_lora`): the merged model has exactly the base's zeros, N:M patterns included.
 """
