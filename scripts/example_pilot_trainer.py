@@ -2,10 +2,11 @@
 
     python scripts/example_pilot_trainer.py [--max_steps 32] [--output_dir outputs/example]
 
-Same run as the CLI demo's, written out: data -> PILoTTrainer with the default recipe (Wanda warm start, pure
-distillation from the model as given, a constant lr of 5e-4 x the weights' RMS, the last quarter of the steps
-as recovery) -> plain sparse model -> perplexity -> save. `warm_start=None` starts PILoT from the dense weights instead;
-`lm_loss_weight=1, distill_logit_weight=0, distill_feature_weight=0` trains on the LM loss alone.
+Same run as the CLI demo's, written out: data -> PILoTTrainer with the default recipe (Wanda warm start, the LM
+loss plus distillation from the model as given, a constant lr of 5e-4 x the weights' RMS, the last quarter of the
+steps as recovery) -> plain sparse model -> perplexity -> save. `warm_start=None` starts PILoT from the dense weights
+instead; `distill_logit_weight=0, distill_feature_weight=0` trains on the LM loss alone, `lm_loss_weight=0` on
+distillation alone.
 """
 
 import argparse
@@ -34,7 +35,7 @@ def main() -> None:
     args = PILoTTrainingArguments(output_dir=cli.output_dir, sparsity=0.5, max_steps=cli.max_steps)
     trainer = PILoTTrainer(model=model, args=args, train_dataset=blocks["train"], processing_class=tokenizer,
                            data_collator=default_data_collator)
-    trainer.train()  # Wanda -> wrap -> regularized distillation -> prune -> recovery -> merge
+    trainer.train()  # Wanda -> wrap -> regularized LM loss + distillation -> prune -> recovery -> merge
     sparse = heldout_perplexity(trainer.model, tokenizer, ["pydoc"], max_tokens=4096, max_length=512)["pydoc"].perplexity
     trainer.save_model()  # plain safetensors; loads with AutoModelForCausalLM, no pilot_hf needed
     print(f"sparsity {trainer.sparsity_report['total']['sparsity']:.4f}; held-out pydoc perplexity "
