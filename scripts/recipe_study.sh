@@ -3,8 +3,10 @@
 # sweep skips its finished cells, and each finished sweep's results.json is copied to docs/recipe/NAME.json and
 # committed (with --commit), so a stopped session loses at most the cell in flight.
 #   bash scripts/recipe_study.sh search [--commit]     # variants on the validation texts (kjv, pydoc, devil)
-#   bash scripts/recipe_study.sh test [--commit]       # the default recipe, 2 seeds, 50% and 2:4, test texts too
+#   bash scripts/recipe_study.sh test [--commit]       # pure distillation, 2 seeds, 50% and 2:4, test texts too
 #   VARIANT=lm1 RECIPE="--lm_loss_weight 1" bash scripts/recipe_study.sh test [--commit]   # or a variant of it
+# Each run states the loss (and, before the relative learning rate, the rate) it ran with, so that a later change
+# of the library's defaults (LM + distillation since the lm1 test) does not change what a run name means.
 # Run it alone on the machine, under the heavy-job lock: flock /tmp/pilot.lock bash scripts/recipe_study.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,18 +25,20 @@ run() {  # NAME CONFIG ARGS...: one sweep into outputs/recipe/NAME, its table ke
   fi
 }
 
+pure=(--lm_loss_weight 0)                  # pure distillation: the default until the lm1 test
+before_rule=("${pure[@]}" --learning_rate 1.0e-4)  # the default before the relative learning rate
 case $phase in
   search)
     bash scripts/get_gemma3_270m.sh
-    run search-gemma3-default configs/recipe/search_gemma3.yaml
-    run search-gemma3-samples50 configs/recipe/search_gemma3.yaml --teacher_sample_share 0.5
-    run search-gemma3-lr3e-5 configs/recipe/search_gemma3.yaml --learning_rate 3.0e-5
-    run search-gemma3-t2 configs/recipe/search_gemma3.yaml --distill_temperature 2
+    run search-gemma3-default configs/recipe/search_gemma3.yaml "${before_rule[@]}"
+    run search-gemma3-samples50 configs/recipe/search_gemma3.yaml "${before_rule[@]}" --teacher_sample_share 0.5
+    run search-gemma3-lr3e-5 configs/recipe/search_gemma3.yaml "${pure[@]}" --learning_rate 3.0e-5
+    run search-gemma3-t2 configs/recipe/search_gemma3.yaml "${before_rule[@]}" --distill_temperature 2
     # lr 3e-5 beat 1e-4 on every validation text: the grid is extended past that edge
-    run search-gemma3-lr1e-5 configs/recipe/search_gemma3.yaml --learning_rate 1.0e-5
+    run search-gemma3-lr1e-5 configs/recipe/search_gemma3.yaml "${pure[@]}" --learning_rate 1.0e-5
     # the default and the best Gemma variant on SmolLM2 (samples50 lost on every Gemma text: not carried over)
-    run search-smollm2-default configs/recipe/search_smollm2.yaml
-    run search-smollm2-lr3e-5 configs/recipe/search_smollm2.yaml --learning_rate 3.0e-5
+    run search-smollm2-default configs/recipe/search_smollm2.yaml "${before_rule[@]}"
+    run search-smollm2-lr3e-5 configs/recipe/search_smollm2.yaml "${pure[@]}" --learning_rate 3.0e-5
     # The training-domain goal (KJV within 5% of the LM loss alone): with the rule's learning rate, seed 0, so that
     # the pure-distillation reference on kjv, pydoc and devil is test-*-seed0 (same Wanda start, same rate)
     run search-gemma3-seed0-lmonly configs/recipe/search_gemma3.yaml --seed 0 --methods wanda pilot+wanda
@@ -50,7 +54,7 @@ case $phase in
     run search-smollm2-dense configs/recipe/search_smollm2.yaml --methods dense
     ;;
   test)
-    read -r -a recipe <<< "${RECIPE:-}"
+    read -r -a recipe <<< "${RECIPE:-${pure[*]}}"
     variant=${VARIANT:+$VARIANT-}  # a variant's runs are named test-VARIANT-MODEL-seedN
     bash scripts/get_gemma3_270m.sh
     for seed in 0 1; do
