@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,3 +52,15 @@ def test_test_phase_runs_budget_by_budget_with_the_chosen_settings_and_its_extra
         ("gmp", 0.25, 0), ("gmp", 0.25, 1), ("pilot", 0.25, 0)]                      # one-shot once, budget 0
     assert all(c["settings"] == {"learning_rate": 3e-4} for c in cells if c["method"] == "gmp")
     assert all(c["settings"] == {} for c in cells if c["method"] != "gmp")
+
+
+def test_every_study_cells_config_loads_and_its_cells_are_distinct():
+    cells_module = _script("study_cells")
+    configs = [p for p in sorted((ROOT / "configs" / "study").glob("*.yaml"))
+               if "results" in yaml.safe_load(p.read_text())]
+    assert {p.name for p in configs} >= {"part1.yaml", "part1_ham_check.yaml"}
+    for path in configs:
+        config = cells_module.load_config(path)
+        for phase in ("tune", "test") if "test" in config else ("tune",):
+            keys = [cells_module.cell_key(phase, c) for c in cells_module.cells(config, phase)]
+            assert keys and len(keys) == len(set(keys)), (path.name, phase)
