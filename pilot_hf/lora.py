@@ -222,7 +222,7 @@ def train_sparse_lora(model: nn.Module, lora_config, args, *, teacher=None, resu
 def _distilling_trainer_class():
     from transformers import Trainer
 
-    from .distillation import distillation_loss
+    from .distillation import RECIPE_LOSS_WEIGHTS, distillation_loss
 
     class DistillingTrainer(Trainer):
         """A plain Trainer whose training loss is lm_loss_weight · LM + the distillation terms (METHOD.md
@@ -234,8 +234,8 @@ def _distilling_trainer_class():
             if self.teacher is None or not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             a = self.args
-            lm_weight, logit_weight = getattr(a, "lm_loss_weight", 1.0), getattr(a, "distill_logit_weight", 1.0)
-            feature_weight = getattr(a, "distill_feature_weight", 1.0)
+            lm_weight, logit_weight, feature_weight = (getattr(a, name, default)
+                                                       for name, default in RECIPE_LOSS_WEIGHTS.items())
             student_inputs = {**inputs, "output_hidden_states": True} if feature_weight > 0 else inputs
             if lm_weight > 0:
                 lm, outputs = super().compute_loss(model, student_inputs, True, num_items_in_batch)

@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .config import ALL_LINEAR, PILoTConfig
+from .distillation import RECIPE_LOSS_WEIGHTS
 from .methods import check_trained_method, check_warm_start
 from .pruning import SparsityPattern
 from .regularization import SCHEDULES
@@ -202,19 +203,19 @@ class PILoTTrainingArguments(TrainingArguments):
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
     lm_loss_weight: float = field(
-        default=1.0,
+        default=RECIPE_LOSS_WEIGHTS["lm_loss_weight"],
         metadata={"help": "Weight of the language-modeling loss on the training text. Default 1, beside "
                   "distill_logit_weight 1 and distill_feature_weight 1: learns the text while the teacher keeps "
                   "text of other domains below the one-shot start (docs/BENCHMARKS.md section 13). 0: pure "
                   "distillation (recover the model as given, learn nothing of the text). Both distillation "
                   "weights 0: the LM loss alone, no teacher (specialize the model to the text)."})
     distill_logit_weight: float = field(
-        default=1.0,
+        default=RECIPE_LOSS_WEIGHTS["distill_logit_weight"],
         metadata={"help": "Weight of logit distillation from the teacher: T²·KL(teacher ‖ student) of the "
                   "temperature-scaled next-token distributions, per labeled token (docs/METHOD.md section 10). "
                   "0: off."})
     distill_feature_weight: float = field(
-        default=1.0,
+        default=RECIPE_LOSS_WEIGHTS["distill_feature_weight"],
         metadata={"help": "Weight of SquareHead feature distillation: per decoder block, the MSE between student and "
                   "teacher hidden states divided by the teacher's mean square, averaged over blocks. 0: off."})
     distill_temperature: float = field(default=1.0, metadata={"help": "Temperature T of logit distillation."})
