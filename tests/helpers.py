@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from conftest import PLAIN_TRAINING, tiny_model
 from datasets import Dataset
 
@@ -82,3 +83,8 @@ def make_trainer(tmp_path, arch="llama", args=None, **kw):
     """A PILoTTrainer on a tiny model and the arithmetic data; `args` (built by the caller) or make_args(**kw)."""
     return PILoTTrainer(model=tiny_model(arch), args=args or make_args(tmp_path, **kw),
                         train_dataset=arithmetic_dataset())
+
+
+def is_study_cells_config(path: Path) -> bool:
+    """A config of scripts/study_cells.py (it names a results file), not of a pilot-hf command."""
+    return "results" in yaml.safe_load(path.read_text())

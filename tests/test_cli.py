@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 import pytest
 import yaml
-from helpers import REPO, pilot_hf, tiny_flags
+from helpers import REPO, is_study_cells_config, pilot_hf, tiny_flags
 
 from pilot_hf.commands import command_module
 from pilot_hf.commands import parse as parse_args
@@ -178,8 +178,8 @@ def test_demo_defaults_equal_the_demo_config():
 
 
 def _is_command_config(path) -> bool:
-    """Configs of pilot-hf commands; not Accelerate's, nor scripts/study_cells.py's (they name a results file)."""
-    return path.parent.name != "accelerate" and "results" not in yaml.safe_load(path.read_text())
+    """Configs of pilot-hf commands; not Accelerate's, nor scripts/study_cells.py's."""
+    return path.parent.name != "accelerate" and not is_study_cells_config(path)
 
 
 COMMAND_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if _is_command_config(p))
