@@ -72,14 +72,17 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
                       distill_feature_weight=0.0)))
     times: list[float] = []
     cpu_times: list[float] = []  # this process's CPU time: less sensitive than wall time to busy neighbours
+    faults: list[int] = []  # minor page faults: fresh memory the allocator had to map and zero during the step
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             self.t, self.cpu = time.perf_counter(), time.process_time()
+            self.faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
             cpu_times.append(time.process_time() - self.cpu)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.faults)
 
     ham_times: list[float] = []  # HAM's own step, timed inside the run: its cost without run-to-run noise
     if ham:
@@ -120,7 +123,7 @@ def run_variant(variant: str, model_spec: str, batch: int, seq: int, steps: int,
     step_s = statistics.median(times[warmup:])  # median: robust to a noisy neighbour
     return {"variant": variant + ("-ham" if ham else ""), "model": model_spec, "params": sum(p.numel() for p in model.parameters()),
             "step_s": step_s, "step_cpu_s": statistics.median(cpu_times[warmup:]), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "libs_rss_mb": rss_libs / 1024, "ham_s": statistics.median(ham_times[warmup:]) if ham_times else 0.0}
+            "libs_rss_mb": rss_libs / 1024, "step_minor_faults": statistics.median(faults[warmup:]), "ham_s": statistics.median(ham_times[warmup:]) if ham_times else 0.0}
 
 
 def main() -> None:
@@ -173,6 +176,8 @@ def main() -> None:
                  + [f"{cpu[v] / cpu[base]:.3f}" for v in variants[1:]]
                  + [f"{peak[v]:.0f}" for v in variants] + [f"{peak[v] / peak[base]:.3f}" for v in variants[1:]])
         print(f"| {spec} | {res[base][0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |", flush=True)
+        print(f"{spec}: minor page faults per step (median; memory mapped afresh and zeroed by the kernel): " + ", ".join(
+            f"{VARIANTS[v]} {statistics.median(r['step_minor_faults'] for r in runs):,.0f}" for v, runs in res.items()))
         for v in variants:
             if v.endswith("-ham"):  # the firm figure: HAM's step against the step it is added to, in one process
                 ham_s = statistics.median(r["ham_s"] for r in res[v])

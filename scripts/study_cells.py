@@ -28,7 +28,7 @@ from pathlib import Path
 
 import datasets
 import torch
-import yaml
+from study_report import read_config  # scripts/ is on the path when a script runs
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
 from pilot_hf.data import DataArguments, calibration_blocks, prepare_lm_datasets
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_config(path: Path) -> dict:
-    config = yaml.safe_load(path.read_text())
+    config = read_config(path)
     config["model"] = str(ROOT / config["model"])
     config["data"] = ROOT / config["data"]
     config["results"] = ROOT / config["results"]

@@ -158,12 +158,23 @@ def plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
     return out
 
 
+def read_config(path: Path) -> dict:
+    """A study config; `extends: OTHER.yaml` (beside it) takes every top-level key of OTHER that this file does not
+    set, and a key set to null here drops OTHER's, so that a check on one part repeats none of its settings."""
+    config = yaml.safe_load(path.read_text())
+    base_name = config.pop("extends", None)
+    if base_name is None:
+        return config
+    merged = {**read_config(path.parent / base_name), **config}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--plots", type=Path, default=ROOT / "docs" / "study", help="folder for the figures")
     a = p.parse_args()
-    config = yaml.safe_load(a.config.read_text())
+    config = read_config(a.config)
     results = ROOT / config["results"]
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     tune = [r for r in rows if r["phase"] == "tune"]

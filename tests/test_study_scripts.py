@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script(name: str):
+    if str(ROOT / "scripts") not in sys.path:  # as when the script runs: its neighbours import by name
+        sys.path.insert(0, str(ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -63,3 +65,13 @@ def test_every_study_cells_config_loads_and_its_cells_are_distinct():
         for phase in ("tune", "test") if "test" in config else ("tune",):
             keys = [cells_module.cell_key(phase, c) for c in cells_module.cells(config, phase)]
             assert keys and len(keys) == len(set(keys)), (path.name, phase)
+
+
+def test_a_config_that_extends_another_takes_its_keys_and_drops_those_set_to_null():
+    report = _script("study_report")
+    base = report.read_config(ROOT / "configs" / "study" / "part1.yaml")
+    check = report.read_config(ROOT / "configs" / "study" / "part1_ham_check.yaml")
+    assert {k: check[k] for k in ("model", "data", "common", "texts", "block_size", "recovery_share")} == {
+        k: base[k] for k in ("model", "data", "common", "texts", "block_size", "recovery_share")}
+    assert check["name"] == "part1-ham-check" and check["tune"]["sparsity"] == 0.9 and "extends" not in check
+    assert "test" not in check and "test" in base  # `test: null` dropped the base's test phase
