@@ -44,7 +44,7 @@ from .evaluation import cross_entropy_sum
 IGNORE_INDEX = -100
 # The default recipe's loss weights (docs/BENCHMARKS.md section 13): PILoTTrainingArguments' field defaults, and
 # what a plain TrainingArguments gets when it distils (lora.train_sparse_lora).
-RECIPE_LOSS_WEIGHTS = {"lm_loss_weight": 1.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
+RECIPE_LOSS_WEIGHTS = {"lm_loss_weight": 4.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
 # Positions per chunk of the logit loss: as many as fit in ~24 MiB per float32 (positions × vocab) temporary
 # (128 for a 49k vocabulary). Below glibc's 32 MiB mmap threshold, so malloc reuses the same buffers chunk after
 # chunk; 100 MB chunks were mapped and page-faulted afresh each time and made the loss ~1.6x slower

@@ -196,7 +196,7 @@ def train_sparse_lora(model: nn.Module, lora_config, args, *, teacher=None, resu
     keep-mask. Returns (the merged, exactly sparse model, the trainer, train()'s output). The adapters' random
     init is seeded with `args.seed`, so a run (and its resume) is reproducible. `teacher`: a
     `distillation.Teacher` to distil from, with `args`' weights (PILoTTrainingArguments' distillation fields;
-    a plain TrainingArguments gets the recipe: LM loss + distillation, weights 1). `adapter_dir`: also save the trained adapter
+    a plain TrainingArguments gets the recipe: RECIPE_LOSS_WEIGHTS). `adapter_dir`: also save the trained adapter
     there (PeftModel.from_pretrained), before the merge."""
     from transformers import Trainer, set_seed
 

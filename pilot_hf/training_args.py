@@ -204,11 +204,12 @@ class PILoTTrainingArguments(TrainingArguments):
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
     lm_loss_weight: float = field(
         default=RECIPE_LOSS_WEIGHTS["lm_loss_weight"],
-        metadata={"help": "Weight of the language-modeling loss on the training text. Default 1, beside "
-                  "distill_logit_weight 1 and distill_feature_weight 1: learns the text while the teacher keeps "
-                  "text of other domains below the one-shot start (docs/BENCHMARKS.md section 13). 0: pure "
-                  "distillation (recover the model as given, learn nothing of the text). Both distillation "
-                  "weights 0: the LM loss alone, no teacher (specialize the model to the text)."})
+        metadata={"help": "Weight of the language-modeling loss on the training text. Default 4, beside "
+                  "distill_logit_weight 1 and distill_feature_weight 1: learns the text as well as the LM loss "
+                  "alone while the teacher keeps text of other domains below the one-shot start "
+                  "(docs/BENCHMARKS.md section 13). 0: pure distillation (recover the model as given, learn "
+                  "nothing of the text). The LM loss alone, no teacher (specialize the model to the text): "
+                  "lm_loss_weight 1 with both distillation weights 0."})
     distill_logit_weight: float = field(
         default=RECIPE_LOSS_WEIGHTS["distill_logit_weight"],
         metadata={"help": "Weight of logit distillation from the teacher: T²·KL(teacher ‖ student) of the "

@@ -37,9 +37,9 @@ def test_compress_then_evaluate(tiny_dir, tmp_path):
     assert resolved["settings"]["sparsity"] == 0.5 and resolved["data"]["block_size"] == 32
     # the default recipe: a Wanda start, the LM loss plus distillation from the model as given; recorded, and on the card
     settings = resolved["settings"]
-    assert settings["warm_start"] == "wanda" and settings["lm_loss_weight"] == 1.0
+    assert settings["warm_start"] == "wanda" and settings["lm_loss_weight"] == 4.0
     assert settings["distill_logit_weight"] == 1.0 and settings["distill_feature_weight"] == 1.0
-    assert "| `distill_logit_weight` | 1.0 |" in card.text and "| `lm_loss_weight` | 1.0 |" in card.text
+    assert "| `distill_logit_weight` | 1.0 |" in card.text and "| `lm_loss_weight` | 4.0 |" in card.text
     # the printed table puts the one-shot start the run began from between dense and sparse
     assert "| text | dense ppl | wanda start ppl | sparse ppl |" in run.stdout
     assert metrics["start"]["pydoc"]["perplexity"] > 0
@@ -92,7 +92,7 @@ def test_cli_with_a_model_and_the_api_get_the_same_run_settings(tiny_dir, tmp_pa
     expected = {"warm_start": "wanda", "max_steps": 32, "recovery_steps": 8, "alpha_update_interval": 4,
                 "learning_rate": None, "relative_learning_rate": 5e-4, "lr_scheduler_type": "constant",
                 "per_device_train_batch_size": 4,
-                "lm_loss_weight": 1.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
+                "lm_loss_weight": 4.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
     assert {k: api.run_settings()[k] for k in expected} == expected
     assert api.save_strategy == "no" and api.logging_steps == 4
 

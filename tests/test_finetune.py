@@ -274,7 +274,7 @@ def test_lora_distils_from_a_dense_teacher_with_the_default_recipe(tiny_dir, pru
     before, after = _zero_sets(pruned_dirs["2:4"]), _zero_sets(out)
     assert all(torch.equal(before[n], after[n]) for n in before)
     settings = json.loads((out / "run_config.json").read_text())["settings"]
-    assert settings["lora"] is True and settings["lm_loss_weight"] == 1.0
+    assert settings["lora"] is True and settings["lm_loss_weight"] == 4.0
     assert settings["distill_logit_weight"] == 1.0 and settings["distill_feature_weight"] == 1.0
     # without a teacher the same command trains on the LM loss
     plain = tmp_path / "lora-lm"
