@@ -6,7 +6,7 @@
 #   bash scripts/recipe_study.sh test [--commit]       # pure distillation, 2 seeds, 50% and 2:4, test texts too
 #   VARIANT=lm1 RECIPE="--lm_loss_weight 1" bash scripts/recipe_study.sh test [--commit]   # or a variant of it
 # Each run states the loss (and, before the relative learning rate, the rate) it ran with, so that a later change
-# of the library's defaults (LM + distillation since the lm1 test) does not change what a run name means.
+# of the library's defaults (LM x 4 + distillation since the lm4 test) does not change what a run name means.
 # Run it alone on the machine, under the heavy-job lock: flock /tmp/pilot.lock bash scripts/recipe_study.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +45,7 @@ case $phase in
     run search-gemma3-seed0-lm1 configs/recipe/search_gemma3.yaml --seed 0 --lm_loss_weight 1
     run search-smollm2-seed0-lmonly configs/recipe/search_smollm2.yaml --seed 0 --methods wanda pilot+wanda
     run search-smollm2-seed0-lm1 configs/recipe/search_smollm2.yaml --seed 0 --lm_loss_weight 1
-    # LM + distillation (the default since its test) left Gemma's KJV 8-13% above the LM loss alone: the LM term
+    # LM + distillation (the default from the lm1 test to the lm4 test) left Gemma's KJV 8-13% above the LM loss alone: the LM term
     # weighted 4x against the teacher (Adam is blind to the loss's overall scale: the same as distillation x 0.25)
     run search-gemma3-seed0-lm4 configs/recipe/search_gemma3.yaml --seed 0 --lm_loss_weight 4
     run search-smollm2-seed0-lm4 configs/recipe/search_smollm2.yaml --seed 0 --lm_loss_weight 4
