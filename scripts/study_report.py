@@ -165,8 +165,8 @@ def read_config(path: Path) -> dict:
     base_name = config.pop("extends", None)
     if base_name is None:
         return config
-    merged = {**read_config(path.parent / base_name), **config}
-    return {k: v for k, v in merged.items() if v is not None}
+    dropped = {k for k, v in config.items() if v is None}
+    return {k: v for k, v in {**read_config(path.parent / base_name), **config}.items() if k not in dropped}
 
 
 def main() -> None:
