@@ -5,7 +5,9 @@
 Tune phase: every setting of each method on the validation texts and their geometric mean (the selection
 criterion), the best per method marked. Test phase: held-out perplexity per method, budget and sparsity; one
 figure of perplexity against tokens trained (one line per method; dense and one-shot as flat lines), and one of
-PILoT's diagnostics over training (docs/METHOD.md section 4: alpha, balance, L1 ratio, prune damage).
+PILoT's diagnostics over training (docs/METHOD.md section 4: alpha, balance, L1 ratio, prune damage). Two
+comparisons read off the test cells: each HAM method against its base method, seed by seed (issue 28 asks for
+two seeds), and the issue's goal, PILoT's best against the best control, column by column.
 """
 
 from __future__ import annotations
@@ -80,6 +82,47 @@ def test_table(rows: list[dict], texts: list[str]) -> str:
                 values.append("–" if not ppl else f"{sum(ppl) / len(ppl):.2f}" +
                               (f" ({min(ppl):.2f}-{max(ppl):.2f})" if len(ppl) > 1 else ""))
             lines.append(f"| {method} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+PILOT_METHODS = ("pilot", "pilot+wanda")  # PILoT from dense and from the best one-shot start
+CONTROLS = ("gmp", "finetune+wanda", "finetune+sparsegpt")  # the goal's "best of gmp and one-shot + fine-tuning"
+
+
+def ham_table(rows: list[dict], texts: list[str]) -> str:
+    """Each `X+ham` cell against the `X` cell of the same sparsity, budget and seed: the ratio per text (below 1:
+    HAM helped). Only pairs where both cells ran appear."""
+    by_cell = {(r["method"], r["sparsity"], r["budget"], r["seed"]): r for r in rows}
+    lines = [f"| HAM / base | sparsity @ budget | seed | {' | '.join(texts)} |", "|---|---|---|" + "---|" * len(texts)]
+    for (method, sparsity, budget, seed), row in sorted(by_cell.items(), key=lambda kv: (kv[0][0], kv[0][2],
+                                                                                         kv[0][1], kv[0][3])):
+        base = by_cell.get((method.removesuffix("+ham"), sparsity, budget, seed))
+        if not method.endswith("+ham") or base is None:
+            continue
+        ratios = " | ".join(f"{row['perplexity'][t] / base['perplexity'][t]:.3f}" for t in texts)
+        lines.append(f"| {method} / {base['method']} | {sparsity} @ {budget:.0%} | {seed} | {ratios} |")
+    return "\n".join(lines)
+
+
+def goal_table(rows: list[dict], texts: list[str]) -> str:
+    """Per column (sparsity, budget) and text: PILoT's best method over the best control (seed means), the ratio,
+    and whether it is the >= 5% lead the goal asks for (ratio <= 0.95)."""
+    means = defaultdict(list)
+    for r in rows:
+        for t in texts:
+            means[(r["method"], r["sparsity"], r["budget"], t)].append(r["perplexity"][t])
+    mean = {k: sum(v) / len(v) for k, v in means.items()}
+    columns = sorted({(r["sparsity"], r["budget"]) for r in rows if r["budget"] > 0})
+    lines = ["| sparsity @ budget | text | best PILoT | best control | ratio | >= 5% lead |", "|---|---|---|---|---|---|"]
+    for sparsity, budget in columns:
+        for t in texts:
+            pilot = [(mean[(m, sparsity, budget, t)], m) for m in PILOT_METHODS if (m, sparsity, budget, t) in mean]
+            control = [(mean[(m, sparsity, budget, t)], m) for m in CONTROLS if (m, sparsity, budget, t) in mean]
+            if not pilot or not control:
+                continue
+            (p, pm), (c, cm) = min(pilot), min(control)
+            lines.append(f"| {sparsity} @ {budget:.0%} | {t} | {pm} {p:.2f} | {cm} {c:.2f} | {p / c:.3f} | "
+                         f"{'yes' if p / c <= 0.95 else 'no'} |")
     return "\n".join(lines)
 
 
@@ -189,6 +232,10 @@ def main() -> None:
     if test:
         print(f"\n## Test phase ({len(test)} cells; held-out texts)")
         print(test_table(test, config["texts"]["test"]))
+        print("\nHAM against its base method, seed by seed (ratio of perplexities; below 1: HAM helped):\n")
+        print(ham_table(test, config["texts"]["test"]))
+        print("\nThe goal: PILoT's best against the best of gmp and one-shot + fine-tuning (seed means):\n")
+        print(goal_table(test, config["texts"]["test"]))
         pretraining = json.loads((ROOT / config["model"] / "pretraining.json").read_text())["tokens_trained"]
         a.plots.mkdir(parents=True, exist_ok=True)
         for path in (plot_curves(test, config["texts"]["test"], pretraining, a.plots / f"{config['name']}-curves.png"),

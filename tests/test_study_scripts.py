@@ -75,3 +75,25 @@ def test_a_config_that_extends_another_takes_its_keys_and_drops_those_set_to_nul
         k: base[k] for k in ("model", "data", "common", "texts", "block_size", "recovery_share")}
     assert check["name"] == "part1-ham-check" and check["tune"]["sparsity"] == 0.9 and "extends" not in check
     assert "test" not in check and "test" in base  # `test: null` dropped the base's test phase
+
+
+def _cell(method, sparsity, budget, seed, **ppl):
+    return {"method": method, "sparsity": sparsity, "budget": budget, "seed": seed, "perplexity": ppl}
+
+
+def test_ham_is_compared_with_its_base_method_seed_by_seed_and_only_where_both_ran():
+    report = _script("study_report")
+    rows = [_cell("gmp", "0.7", 0.01, 0, a=10.0), _cell("gmp+ham", "0.7", 0.01, 0, a=9.0),
+            _cell("gmp", "0.7", 0.01, 1, a=20.0), _cell("gmp+ham", "0.7", 0.01, 1, a=22.0),
+            _cell("finetune+wanda+ham", "0.9", 0.05, 0, a=5.0)]  # its base did not run: no line
+    lines = report.ham_table(rows, ["a"]).splitlines()[2:]
+    assert lines == ["| gmp+ham / gmp | 0.7 @ 1% | 0 | 0.900 |", "| gmp+ham / gmp | 0.7 @ 1% | 1 | 1.100 |"]
+
+
+def test_the_goal_table_sets_pilots_best_against_the_best_control_on_seed_means():
+    report = _script("study_report")
+    rows = [_cell("pilot", "0.7", 0.25, 0, a=80.0), _cell("pilot+wanda", "0.7", 0.25, 0, a=90.0),
+            _cell("gmp", "0.7", 0.25, 0, a=100.0), _cell("gmp", "0.7", 0.25, 1, a=80.0),  # gmp's mean: 90
+            _cell("finetune+sparsegpt", "0.7", 0.25, 0, a=95.0), _cell("wanda", "0.7", 0.0, 0, a=500.0)]
+    lines = report.goal_table(rows, ["a"]).splitlines()[2:]
+    assert lines == ["| 0.7 @ 25% | a | pilot 80.00 | gmp 90.00 | 0.889 | yes |"]
