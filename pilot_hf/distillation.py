@@ -45,6 +45,14 @@ IGNORE_INDEX = -100
 # The default recipe's loss weights (docs/BENCHMARKS.md section 13): PILoTTrainingArguments' field defaults, and
 # what a plain TrainingArguments gets when it distils (lora.train_sparse_lora).
 RECIPE_LOSS_WEIGHTS = {"lm_loss_weight": 4.0, "distill_logit_weight": 1.0, "distill_feature_weight": 1.0}
+
+
+def default_lm_loss_weight(distills: bool) -> float:
+    """The LM loss's weight when none is given: the recipe's beside a teacher, 1 without one. The regularization's
+    gradient is added to the loss's (regularization='coupled'), so the LM loss alone at 4x would weaken it 4x
+    against the loss the benchmarks ran with."""
+    return RECIPE_LOSS_WEIGHTS["lm_loss_weight"] if distills else 1.0
+
 # Positions per chunk of the logit loss: as many as fit in ~24 MiB per float32 (positions × vocab) temporary
 # (128 for a 49k vocabulary). Below glibc's 32 MiB mmap threshold, so malloc reuses the same buffers chunk after
 # chunk; 100 MB chunks were mapped and page-faulted afresh each time and made the loss ~1.6x slower
@@ -596,7 +604,7 @@ def check_teacher_fits(student_parameters: int | None, dtype_bytes: int, teacher
             f"distillation (the default recipe) holds a frozen teacher of {teacher_parameters / 1e6:,.0f}M "
             f"parameters, {teacher / gib:.1f} GiB, beside the student's training (at least {student / gib:.1f} "
             f"GiB), but only {available / gib:.1f} GiB are free on {torch.device(device).type}. Turn "
-            "distillation off with --distill_logit_weight 0 --distill_feature_weight 0 --lm_loss_weight 1 "
+            "distillation off with --distill_logit_weight 0 --distill_feature_weight 0 "
             "(trains on the LM loss alone), hold the teacher in half precision with --teacher_dtype bfloat16, or "
             "free memory.")
 

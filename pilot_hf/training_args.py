@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .config import ALL_LINEAR, PILoTConfig
-from .distillation import RECIPE_LOSS_WEIGHTS
+from .distillation import RECIPE_LOSS_WEIGHTS, default_lm_loss_weight
 from .methods import check_trained_method, check_warm_start
 from .pruning import SparsityPattern
 from .regularization import SCHEDULES
@@ -202,14 +202,14 @@ class PILoTTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Alternatively, one regex over full module names."}
     )
     exclude_modules: list[str] | None = field(default=None, metadata={"help": "Layers never to sparsify."})
-    lm_loss_weight: float = field(
-        default=RECIPE_LOSS_WEIGHTS["lm_loss_weight"],
-        metadata={"help": "Weight of the language-modeling loss on the training text. Default 4, beside "
+    lm_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the language-modeling loss on the training text. Default 4 beside "
                   "distill_logit_weight 1 and distill_feature_weight 1: learns the text as well as the LM loss "
                   "alone while the teacher keeps text of other domains below the one-shot start "
-                  "(docs/BENCHMARKS.md section 13). 0: pure distillation (recover the model as given, learn "
-                  "nothing of the text). The LM loss alone, no teacher (specialize the model to the text): "
-                  "lm_loss_weight 1 with both distillation weights 0."})
+                  "(docs/BENCHMARKS.md section 13); 1 when both distillation weights are 0 (the LM loss alone, no "
+                  "teacher: specializes the model to the text). 0: pure distillation (recover the model as given, "
+                  "learn nothing of the text)."})
     distill_logit_weight: float = field(
         default=RECIPE_LOSS_WEIGHTS["distill_logit_weight"],
         metadata={"help": "Weight of logit distillation from the teacher: T²·KL(teacher ‖ student) of the "
@@ -283,6 +283,8 @@ class PILoTTrainingArguments(TrainingArguments):
                              "sparsity=0 and no warm_start (prune first, e.g. with `pilot-hf oneshot`).")
         if self.num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples}: must be ≥ 1.")
+        if self.lm_loss_weight is None:
+            self.lm_loss_weight = default_lm_loss_weight(self.distills)
         for name in ("lm_loss_weight", "distill_logit_weight", "distill_feature_weight"):
             value = getattr(self, name)
             if not (value >= 0 and value < float("inf")):
@@ -379,6 +381,8 @@ class PILoTTrainingArguments(TrainingArguments):
         for key in ("alpha_schedule", "init"):
             if values[key] == _METHOD_DEFAULTS[self.method][key]:
                 values[key] = None
+        if values["lm_loss_weight"] == default_lm_loss_weight(self.distills):  # follows distillation on or off
+            values["lm_loss_weight"] = None
         return type(self)(**{**values, "method": method, **changes})
 
     def __getstate__(self):

@@ -108,13 +108,15 @@ def test_help_shows_the_defaults_the_run_records(capsys):
     shown = {}
     for key in ("max_steps", "learning_rate", "relative_learning_rate", "lr_scheduler_type",
                 "per_device_train_batch_size", "warm_start",
-                "lm_loss_weight", "distill_logit_weight", "distill_feature_weight", "mask_learning_rate",
+                "distill_logit_weight", "distill_feature_weight", "mask_learning_rate",
                 "alpha_init", "num_calibration_samples", "sparsity_pattern"):
         after_flag = text.split(f"--{key.replace('_', '-')} ", 1)[1]  # the flag's help entry
         shown[key] = after_flag.split("(default: ", 1)[1].split(")", 1)[0]
     assert shown == {k: str(recorded[k]) for k in shown}
     assert "(default: no)" in text.split("--save-strategy ", 1)[1][:400]  # not the demo's values, not Transformers'
     assert "a quarter of max_steps" in text and "an eighth of max_steps" in text
+    lm_help = text.split("--lm-loss-weight ", 1)[1][:600]  # its default follows distillation (on: the recorded 4.0)
+    assert f"Default {recorded['lm_loss_weight']:g} beside" in lm_help and "1 when both distillation weights" in lm_help
     assert "it runs the demo" in text  # the demo's own choices are named apart
 
 
@@ -142,11 +144,10 @@ def test_teacher_that_does_not_fit_is_refused_before_loading(tiny_dir, tmp_path,
             tmp_path / "o", "--use_cpu"]
     assert main(["compress", *map(str, argv)]) == 2
     err = capsys.readouterr().err
-    assert "distillation" in err and "--distill_logit_weight 0 --distill_feature_weight 0 --lm_loss_weight 1" in err
+    assert "distillation" in err and "--distill_logit_weight 0 --distill_feature_weight 0 " in err
     assert not (tmp_path / "o").exists()
     # with the teacher in bfloat16 it fits; with distillation off there is no teacher to check
-    for flags in (["--teacher_dtype", "bfloat16"], ["--distill_logit_weight", "0", "--distill_feature_weight", "0",
-                                                    "--lm_loss_weight", "1"]):
+    for flags in (["--teacher_dtype", "bfloat16"], ["--distill_logit_weight", "0", "--distill_feature_weight", "0"]):
         args = parse("compress", [*map(str, argv), *flags])[3]
         distillation.check_teacher_memory(str(tiny_dir / "model"), args)
 

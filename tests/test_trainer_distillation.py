@@ -8,7 +8,7 @@ from helpers import arithmetic_dataset, make_args
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from pilot_hf import PILoTTrainer
+from pilot_hf import PILoTTrainer, PILoTTrainingArguments
 from pilot_hf.distillation import distillation_loss
 from pilot_hf.sweep import SweepArguments, cell_arguments
 
@@ -16,6 +16,20 @@ from pilot_hf.sweep import SweepArguments, cell_arguments
 def distill_trainer(tmp_path, model=None, **kw):
     args = make_args(tmp_path, **{"distill_logit_weight": 1.0, "distill_feature_weight": 1.0, **kw})
     return PILoTTrainer(model=model or tiny_model("llama"), args=args, train_dataset=arithmetic_dataset())
+
+
+def test_lm_loss_weight_defaults_to_the_recipe_with_a_teacher_and_to_1_without():
+    """Turning distillation off gives the plain LM loss, not 4x it (which would weaken the coupled regularization
+    4x against it); a given weight is kept; a copy that turns distillation off or on re-follows the default."""
+    off = dict(distill_logit_weight=0.0, distill_feature_weight=0.0)
+    on = dict(distill_logit_weight=1.0, distill_feature_weight=1.0)
+    args = lambda **kw: PILoTTrainingArguments(output_dir="unused", use_cpu=True, report_to=[], **kw)  # noqa: E731
+    assert args().lm_loss_weight == 4.0 and args(**off).lm_loss_weight == 1.0
+    assert args(distill_feature_weight=0.0).lm_loss_weight == 4.0  # logit distillation alone still distils
+    assert args(**off, lm_loss_weight=2.5).lm_loss_weight == 2.5 and args(lm_loss_weight=0.0).lm_loss_weight == 0.0
+    assert args().with_method("gmp", **off).lm_loss_weight == 1.0
+    assert args(**off).with_method("pilot", **on).lm_loss_weight == 4.0
+    assert args(lm_loss_weight=2.5).with_method("gmp", **off).lm_loss_weight == 2.5
 
 
 @pytest.mark.parametrize("method", ["pilot", "spred", "l1", "finetune"])
