@@ -149,6 +149,7 @@ def test_teacher_that_does_not_fit_is_refused_before_loading(tiny_dir, tmp_path,
     # with the teacher in bfloat16 it fits; with distillation off there is no teacher to check
     for flags in (["--teacher_dtype", "bfloat16"], ["--distill_logit_weight", "0", "--distill_feature_weight", "0"]):
         args = parse("compress", [*map(str, argv), *flags])[3]
+        assert args.lm_loss_weight == (4.0 if args.distills else 1.0)  # the teacher off: the plain LM loss
         distillation.check_teacher_memory(str(tiny_dir / "model"), args)
 
 
