@@ -77,6 +77,15 @@ def cells(config: dict, phase: str) -> list[dict]:
     return list(unique.values())
 
 
+def select(all_cells: list[dict], only: str | None, sparsity: str | None, seed: int | None) -> list[dict]:
+    """The cells a run is limited to (all when a filter is None), so that a session can take the cells that
+    decide a column first. Method names are matched exactly: 'pilot' is not 'pilot+wanda'."""
+    methods = None if only is None else {m.strip() for m in only.split(",")}
+    return [c for c in all_cells if (methods is None or c["method"] in methods)
+            and (sparsity is None or float(c["sparsity"]) == float(sparsity))
+            and (seed is None or c["seed"] == seed)]
+
+
 def grid_settings(grid: dict | list | None) -> list[dict]:
     """A method's tune settings: a mapping of lists is their product; a list holds mappings of lists, each a
     product of its own (a grid and the points added where its best setting lay on an edge)."""
@@ -172,7 +181,10 @@ def main() -> None:
     p.add_argument("--phase", choices=["tune", "test"], default="tune")
     p.add_argument("--list", action="store_true", help="print the cells done and left, run nothing")
     p.add_argument("--max_cells", type=int, default=None, help="stop after this many cells")
-    p.add_argument("--only", default=None, help="run only cells whose method contains this string")
+    p.add_argument("--only", default=None, metavar="METHOD[,METHOD]",
+                   help="run only these methods (exact names, comma-separated; e.g. pilot,gmp+ham)")
+    p.add_argument("--sparsity", default=None, help="run only cells at this sparsity (e.g. 0.7)")
+    p.add_argument("--seed", type=int, default=None, help="run only cells of this seed")
     p.add_argument("--commit", action="store_true", help="git-commit the results file after each cell")
     a = p.parse_args()
     datasets.disable_progress_bars()
@@ -180,8 +192,12 @@ def main() -> None:
     pretraining = json.loads(Path(config["model"], "pretraining.json").read_text())
     config["pretraining_tokens"] = pretraining["tokens_trained"]
     done = read_results(config["results"])
-    todo = [c for c in cells(config, a.phase) if cell_key(a.phase, c) not in done
-            and (a.only is None or a.only in c["method"])]
+    every = cells(config, a.phase)
+    unknown = set() if a.only is None else {m.strip() for m in a.only.split(",")} - {c["method"] for c in every}
+    if unknown:
+        p.error(f"--only names no method of this phase: {', '.join(sorted(unknown))}; "
+                f"its methods are {', '.join(sorted({c['method'] for c in every}))}")
+    todo = [c for c in select(every, a.only, a.sparsity, a.seed) if cell_key(a.phase, c) not in done]
     print(f"{a.phase}: {len(done)} cells in {config['results'].name}, {len(todo)} left", flush=True)
     if a.list:
         for c in todo:

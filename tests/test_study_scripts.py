@@ -97,3 +97,14 @@ def test_the_goal_table_sets_pilots_best_against_the_best_control_on_seed_means(
             _cell("finetune+sparsegpt", "0.7", 0.25, 0, a=95.0), _cell("wanda", "0.7", 0.0, 0, a=500.0)]
     lines = report.goal_table(rows, ["a"]).splitlines()[2:]
     assert lines == ["| 0.7 @ 25% | a | pilot 80.00 | gmp 90.00 | 0.889 | yes |"]
+
+
+def test_a_run_can_be_limited_to_exact_methods_a_sparsity_and_a_seed():
+    cells_module = _script("study_cells")
+    config = cells_module.load_config(ROOT / "configs" / "study" / "part1.yaml")
+    test = cells_module.cells(config, "test")
+    picked = cells_module.select(test, "pilot, gmp+ham", "0.7", 0)
+    assert {c["method"] for c in picked} == {"pilot", "gmp+ham"}  # exact: 'pilot+wanda' is not 'pilot'
+    assert {c["sparsity"] for c in picked} == {"0.7"} and {c["seed"] for c in picked} == {0}
+    assert len(picked) == len(config["test"]["budgets"]) * 2
+    assert cells_module.select(test, None, None, None) == test
