@@ -1,18 +1,21 @@
 """Budget study (issue 29): tables and plots from a results file of scripts/study_cells.py.
 
-    python scripts/study_report.py --config configs/study/part1.yaml      # Markdown to stdout, plots to docs/study/
+    python scripts/study_report.py --config configs/study/part1.yaml   # part 1: Markdown to stdout, plots to docs/study/
+    python scripts/study_report.py --part2                              # part 2: docs/study/part2-STEPS.json files
 
 Tune phase: every setting of each method on the validation texts and their geometric mean (the selection
 criterion), the best per method marked. Test phase: held-out perplexity per method, budget and sparsity; one
 figure of perplexity against tokens trained (one line per method; dense and one-shot as flat lines), and one of
 PILoT's diagnostics over training (docs/METHOD.md section 4: alpha, balance, L1 ratio, prune damage). Two
 comparisons read off the test cells: each HAM method against its base method, seed by seed (issue 28 asks for
-two seeds), and the issue's goal, PILoT's best against the best control, column by column.
+two seeds), and the issue's goal, PILoT's best against the best control, column by column. Part 2's sweep results
+(scripts/study_part2.sh, one file per budget) are read as test cells of one seed whose budget is the tokens trained.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -23,6 +26,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DIAGNOSTICS = ("alpha", "balance", "l1_ratio", "prune_damage")
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def share_of_pretraining(budget: float) -> str:
+    return f"{budget:.0%}"
+
+
+def tokens(budget: float) -> str:
+    return f"{budget:,.0f} tokens"
 
 
 def geomean(values) -> float:
@@ -71,13 +87,13 @@ def seeds_of_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
     return cells
 
 
-def test_table(rows: list[dict], texts: list[str]) -> str:
+def test_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -> str:
     """Rows: method; columns: (sparsity, budget) per text; seeds averaged (their spread in brackets)."""
     cells = seeds_of_cells(rows)
     columns = sorted({(r["sparsity"], r["budget"]) for r in rows if r["budget"] > 0})
     lines = []
     for text in texts:
-        lines += [f"\n{text} (held out):\n", "| method | " + " | ".join(f"{s} @ {b:.0%}" for s, b in columns) + " |",
+        lines += [f"\n{text} (held out):\n", "| method | " + " | ".join(f"{s} @ {label(b)}" for s, b in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for method in dict.fromkeys(r["method"] for r in rows):
             values = []
@@ -85,7 +101,7 @@ def test_table(rows: list[dict], texts: list[str]) -> str:
                 found = cells.get((method, sparsity, budget)) or cells.get((method, sparsity, 0.0)) \
                     or cells.get((method, "0.0", 0.0)) or []
                 ppl = [r["perplexity"][text] for r in found]
-                values.append("–" if not ppl else f"{sum(ppl) / len(ppl):.2f}" +
+                values.append("–" if not ppl else f"{mean(ppl):.2f}" +
                               (f" ({min(ppl):.2f}-{max(ppl):.2f})" if len(ppl) > 1 else ""))
             lines.append(f"| {method} | " + " | ".join(values) + " |")
     return "\n".join(lines)
@@ -95,7 +111,7 @@ PILOT_METHODS = ("pilot", "pilot+wanda")  # PILoT from dense and from the best o
 CONTROLS = ("gmp", "finetune+wanda", "finetune+sparsegpt")  # the goal's "best of gmp and one-shot + fine-tuning"
 
 
-def ham_table(rows: list[dict], texts: list[str]) -> str:
+def ham_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -> str:
     """Each `X+ham` cell against the `X` cell of the same sparsity, budget and seed: the ratio per text (below 1:
     HAM helped). Only pairs where both cells ran appear."""
     by_cell = {(r["method"], r["sparsity"], r["budget"], r["seed"]): r for r in rows}
@@ -105,19 +121,19 @@ def ham_table(rows: list[dict], texts: list[str]) -> str:
         if not row["method"].endswith("+ham") or base is None:
             continue
         ratios = " | ".join(f"{row['perplexity'][t] / base['perplexity'][t]:.3f}" for t in texts)
-        lines.append(f"| {row['method']} / {base['method']} | {row['sparsity']} @ {row['budget']:.0%} | {row['seed']} "
+        lines.append(f"| {row['method']} / {base['method']} | {row['sparsity']} @ {label(row['budget'])} | {row['seed']} "
                      f"| {ratios} |")
     return "\n".join(lines)
 
 
 def _best_mean(cells: dict, methods, sparsity: str, budget: float, text: str) -> tuple[float, str] | None:
     """The lowest seed-mean perplexity on `text` among `methods` in one column, with its method (None: none ran)."""
-    means = [(sum(r["perplexity"][text] for r in seeds) / len(seeds), m) for m in methods
+    means = [(mean(r["perplexity"][text] for r in seeds), m) for m in methods
              if (seeds := cells.get((m, sparsity, budget)))]
     return min(means) if means else None
 
 
-def goal_table(rows: list[dict], texts: list[str]) -> str:
+def goal_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -> str:
     """Per column (sparsity, budget) and text: PILoT's best method over the best control (seed means), the ratio,
     and whether it is the >= 5% lead the goal asks for (ratio <= 0.95)."""
     cells = seeds_of_cells(rows)
@@ -129,7 +145,7 @@ def goal_table(rows: list[dict], texts: list[str]) -> str:
             if not pilot or not control:
                 continue
             (p, pm), (c, cm) = pilot, control
-            lines.append(f"| {sparsity} @ {budget:.0%} | {t} | {pm} {p:.2f} | {cm} {c:.2f} | {p / c:.3f} | "
+            lines.append(f"| {sparsity} @ {label(budget)} | {t} | {pm} {p:.2f} | {cm} {c:.2f} | {p / c:.3f} | "
                          f"{'yes' if p / c <= 0.95 else 'no'} |")
     return "\n".join(lines)
 
@@ -163,16 +179,15 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
                 if not mine:
                     continue
                 if all(r["budget"] == 0 for r in mine):  # dense or one-shot: no training tokens
-                    ax.axhline(sum(r["perplexity"][text] for r in mine) / len(mine), ls="--", lw=1, label=method,
+                    ax.axhline(mean(r["perplexity"][text] for r in mine), ls="--", lw=1, label=method,
                                color=colors[method])
                     continue
                 by_budget = defaultdict(list)
                 for r in mine:
                     by_budget[r["budget"]].append(r["perplexity"][text])
                 budgets = sorted(by_budget)
-                ax.plot([b * pretraining_tokens for b in budgets], [sum(by_budget[b]) / len(by_budget[b])
-                                                                    for b in budgets], marker="o", label=method,
-                        color=colors[method])
+                ax.plot([b * pretraining_tokens for b in budgets], [mean(by_budget[b]) for b in budgets], marker="o",
+                        label=method, color=colors[method])
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{text}, sparsity {sparsity}")
@@ -184,7 +199,7 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
     return out
 
 
-def plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
+def plot_diagnostics(rows: list[dict], out: Path, budget_label=share_of_pretraining) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
@@ -193,7 +208,7 @@ def plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4.2 * len(DIAGNOSTICS), 3.4))
     for row in pilot:
-        label = f"{row['method']} {row['sparsity']} @ {row['budget']:.0%}"
+        label = f"{row['method']} {row['sparsity']} @ {budget_label(row['budget'])}"
         for ax, name in zip(axes, DIAGNOSTICS):
             points = [(h["step"] / row["steps"], h[name]) for h in row["train_log"] if name in h]
             if points:
@@ -209,6 +224,40 @@ def plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
     return out
 
 
+PART2_RESULTS = "docs/study/part2-*.json"  # one file per budget, written by scripts/study_part2.sh
+
+
+def part2_rows(paths) -> list[dict]:
+    """Part 2's sweep rows as test cells: one seed, the budget in tokens trained (0 for dense and one-shot), and
+    '+kd' dropped from the names (every trained method there distills), so that the tables and the goal read
+    them as they read part 1. A one-shot or dense row repeated in several files counts once."""
+    rows = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            method = r["method"].removesuffix("+kd")
+            sparsity = "0.0" if method == "dense" else r["sparsity"]
+            budget = float(r.get("tokens_trained", 0))
+            rows[(method, sparsity, budget)] = {
+                "phase": "test", "method": method, "sparsity": sparsity, "budget": budget, "seed": 0,
+                "perplexity": r["perplexity"], "train_log": r.get("train_log"),
+                "steps": (r.get("train_log") or [{"step": 0}])[-1]["step"], "time_s": r["time_s"]}
+    return list(rows.values())
+
+
+def print_test_report(test: list[dict], texts: list[str], pretraining_tokens: int, plots: Path, name: str,
+                      label=share_of_pretraining) -> None:
+    print(test_table(test, texts, label))
+    print("\nHAM against its base method, seed by seed (ratio of perplexities; below 1: HAM helped):\n")
+    print(ham_table(test, texts, label))
+    print("\nThe goal: PILoT's best against the best of gmp and one-shot + fine-tuning (seed means):\n")
+    print(goal_table(test, texts, label))
+    plots.mkdir(parents=True, exist_ok=True)
+    for path in (plot_curves(test, texts, pretraining_tokens, plots / f"{name}-curves.png"),
+                 plot_diagnostics(test, plots / f"{name}-diagnostics.png", label)):
+        if path:
+            print(f"\n![{path.stem}]({os.path.relpath(path, ROOT / 'docs')})")
+
+
 def read_config(path: Path) -> dict:
     """A study config; `extends: OTHER.yaml` (beside it) takes every top-level key of OTHER that this file does not
     set, and a key set to null here drops OTHER's, so that a check on one part repeats none of its settings."""
@@ -222,9 +271,19 @@ def read_config(path: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--config", type=Path, help="a part 1 study config (configs/study/part1.yaml)")
+    p.add_argument("--part2", action="store_true", help=f"report part 2 from {PART2_RESULTS} instead")
     p.add_argument("--plots", type=Path, default=ROOT / "docs" / "study", help="folder for the figures")
     a = p.parse_args()
+    if a.part2 == (a.config is not None):
+        p.error("give either --config CONFIG (part 1) or --part2")
+    if a.part2:
+        test = part2_rows(sorted(glob.glob(str(ROOT / PART2_RESULTS))))
+        if not test:
+            p.error(f"no part 2 results in {PART2_RESULTS}: run scripts/study_part2.sh first")
+        print(f"## Part 2 ({len(test)} cells; held-out texts; budgets in tokens trained)")
+        print_test_report(test, list(test[0]["perplexity"]), 1, a.plots, "part2", tokens)
+        return
     config = read_config(a.config)
     results = ROOT / config["results"]
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
@@ -239,17 +298,8 @@ def main() -> None:
             print(f"- {method}: {settings_text(row['settings'])}")
     if test:
         print(f"\n## Test phase ({len(test)} cells; held-out texts)")
-        print(test_table(test, config["texts"]["test"]))
-        print("\nHAM against its base method, seed by seed (ratio of perplexities; below 1: HAM helped):\n")
-        print(ham_table(test, config["texts"]["test"]))
-        print("\nThe goal: PILoT's best against the best of gmp and one-shot + fine-tuning (seed means):\n")
-        print(goal_table(test, config["texts"]["test"]))
         pretraining = json.loads((ROOT / config["model"] / "pretraining.json").read_text())["tokens_trained"]
-        a.plots.mkdir(parents=True, exist_ok=True)
-        for path in (plot_curves(test, config["texts"]["test"], pretraining, a.plots / f"{config['name']}-curves.png"),
-                     plot_diagnostics(test, a.plots / f"{config['name']}-diagnostics.png")):
-            if path:
-                print(f"\n![{path.stem}]({os.path.relpath(path, ROOT / 'docs')})")
+        print_test_report(test, config["texts"]["test"], pretraining, a.plots, config["name"])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ which tune row is chosen. The real study config is read, so an edit that breaks 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -108,3 +109,23 @@ def test_a_run_can_be_limited_to_exact_methods_a_sparsity_and_a_seed():
     assert {c["sparsity"] for c in picked} == {"0.7"} and {c["seed"] for c in picked} == {0}
     assert len(picked) == len(config["test"]["budgets"]) * 2
     assert cells_module.select(test, None, None, None) == test
+
+
+def test_part2_sweep_rows_are_read_as_one_seed_cells_with_the_budget_in_tokens(tmp_path):
+    report = _script("study_report")
+    log = [{"step": 16, "alpha": 1e-4}, {"step": 32, "alpha": 0.0}]
+    short = [{"method": "dense", "sparsity": "0", "time_s": 0.0, "perplexity": {"a": 10.0}},
+             {"method": "wanda", "sparsity": "0.7", "time_s": 1.0, "perplexity": {"a": 50.0}},
+             {"method": "pilot+kd", "sparsity": "0.7", "time_s": 9.0, "perplexity": {"a": 30.0},
+              "tokens_trained": 32768, "train_log": log}]
+    long = [dict(short[1]), {"method": "gmp+kd", "sparsity": "0.7", "time_s": 9.0, "perplexity": {"a": 20.0},
+                             "tokens_trained": 131072}]
+    (tmp_path / "part2-32.json").write_text(json.dumps(short))
+    (tmp_path / "part2-128.json").write_text(json.dumps(long))
+    rows = report.part2_rows(sorted(tmp_path.glob("part2-*.json")))
+    assert sorted((r["method"], r["sparsity"], r["budget"]) for r in rows) == [
+        ("dense", "0.0", 0.0), ("gmp", "0.7", 131072.0), ("pilot", "0.7", 32768.0), ("wanda", "0.7", 0.0)]
+    assert next(r for r in rows if r["method"] == "pilot")["steps"] == 32
+    table = report.test_table(rows, ["a"], report.tokens)
+    assert "| method | 0.7 @ 32,768 tokens | 0.7 @ 131,072 tokens |" in table
+    assert "| wanda | 50.00 | 50.00 |" in table and "| pilot | 30.00 | – |" in table
