@@ -77,12 +77,17 @@ def cells(config: dict, phase: str) -> list[dict]:
     return list(unique.values())
 
 
-def select(all_cells: list[dict], only: str | None, sparsity: str | None, seed: int | None) -> list[dict]:
+def named_methods(only: str | None) -> set[str] | None:
+    """The method names of `--only METHOD[,METHOD]` (None: every method)."""
+    return None if only is None else {m.strip() for m in only.split(",")}
+
+
+def select(all_cells: list[dict], only: str | None, sparsity: float | None, seed: int | None) -> list[dict]:
     """The cells a run is limited to (all when a filter is None), so that a session can take the cells that
     decide a column first. Method names are matched exactly: 'pilot' is not 'pilot+wanda'."""
-    methods = None if only is None else {m.strip() for m in only.split(",")}
+    methods = named_methods(only)
     return [c for c in all_cells if (methods is None or c["method"] in methods)
-            and (sparsity is None or float(c["sparsity"]) == float(sparsity))
+            and (sparsity is None or float(c["sparsity"]) == sparsity)
             and (seed is None or c["seed"] == seed)]
 
 
@@ -183,7 +188,7 @@ def main() -> None:
     p.add_argument("--max_cells", type=int, default=None, help="stop after this many cells")
     p.add_argument("--only", default=None, metavar="METHOD[,METHOD]",
                    help="run only these methods (exact names, comma-separated; e.g. pilot,gmp+ham)")
-    p.add_argument("--sparsity", default=None, help="run only cells at this sparsity (e.g. 0.7)")
+    p.add_argument("--sparsity", type=float, default=None, help="run only cells at this sparsity (e.g. 0.7)")
     p.add_argument("--seed", type=int, default=None, help="run only cells of this seed")
     p.add_argument("--commit", action="store_true", help="git-commit the results file after each cell")
     a = p.parse_args()
@@ -193,7 +198,7 @@ def main() -> None:
     config["pretraining_tokens"] = pretraining["tokens_trained"]
     done = read_results(config["results"])
     every = cells(config, a.phase)
-    unknown = set() if a.only is None else {m.strip() for m in a.only.split(",")} - {c["method"] for c in every}
+    unknown = (named_methods(a.only) or set()) - {c["method"] for c in every}
     if unknown:
         p.error(f"--only names no method of this phase: {', '.join(sorted(unknown))}; "
                 f"its methods are {', '.join(sorted({c['method'] for c in every}))}")

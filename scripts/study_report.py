@@ -87,13 +87,13 @@ def seeds_of_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
     return cells
 
 
-def test_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -> str:
+def test_table(rows: list[dict], texts: list[str], budget_label=share_of_pretraining) -> str:
     """Rows: method; columns: (sparsity, budget) per text; seeds averaged (their spread in brackets)."""
     cells = seeds_of_cells(rows)
     columns = sorted({(r["sparsity"], r["budget"]) for r in rows if r["budget"] > 0})
     lines = []
     for text in texts:
-        lines += [f"\n{text} (held out):\n", "| method | " + " | ".join(f"{s} @ {label(b)}" for s, b in columns) + " |",
+        lines += [f"\n{text} (held out):\n", "| method | " + " | ".join(f"{s} @ {budget_label(b)}" for s, b in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for method in dict.fromkeys(r["method"] for r in rows):
             values = []
@@ -111,7 +111,7 @@ PILOT_METHODS = ("pilot", "pilot+wanda")  # PILoT from dense and from the best o
 CONTROLS = ("gmp", "finetune+wanda", "finetune+sparsegpt")  # the goal's "best of gmp and one-shot + fine-tuning"
 
 
-def ham_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -> str:
+def ham_table(rows: list[dict], texts: list[str], budget_label=share_of_pretraining) -> str:
     """Each `X+ham` cell against the `X` cell of the same sparsity, budget and seed: the ratio per text (below 1:
     HAM helped). Only pairs where both cells ran appear."""
     by_cell = {(r["method"], r["sparsity"], r["budget"], r["seed"]): r for r in rows}
@@ -121,7 +121,7 @@ def ham_table(rows: list[dict], texts: list[str], label=share_of_pretraining) ->
         if not row["method"].endswith("+ham") or base is None:
             continue
         ratios = " | ".join(f"{row['perplexity'][t] / base['perplexity'][t]:.3f}" for t in texts)
-        lines.append(f"| {row['method']} / {base['method']} | {row['sparsity']} @ {label(row['budget'])} | {row['seed']} "
+        lines.append(f"| {row['method']} / {base['method']} | {row['sparsity']} @ {budget_label(row['budget'])} | {row['seed']} "
                      f"| {ratios} |")
     return "\n".join(lines)
 
@@ -133,7 +133,7 @@ def _best_mean(cells: dict, methods, sparsity: str, budget: float, text: str) ->
     return min(means) if means else None
 
 
-def goal_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -> str:
+def goal_table(rows: list[dict], texts: list[str], budget_label=share_of_pretraining) -> str:
     """Per column (sparsity, budget) and text: PILoT's best method over the best control (seed means), the ratio,
     and whether it is the >= 5% lead the goal asks for (ratio <= 0.95)."""
     cells = seeds_of_cells(rows)
@@ -145,7 +145,7 @@ def goal_table(rows: list[dict], texts: list[str], label=share_of_pretraining) -
             if not pilot or not control:
                 continue
             (p, pm), (c, cm) = pilot, control
-            lines.append(f"| {sparsity} @ {label(budget)} | {t} | {pm} {p:.2f} | {cm} {c:.2f} | {p / c:.3f} | "
+            lines.append(f"| {sparsity} @ {budget_label(budget)} | {t} | {pm} {p:.2f} | {cm} {c:.2f} | {p / c:.3f} | "
                          f"{'yes' if p / c <= 0.95 else 'no'} |")
     return "\n".join(lines)
 
@@ -245,15 +245,15 @@ def part2_rows(paths) -> list[dict]:
 
 
 def print_test_report(test: list[dict], texts: list[str], pretraining_tokens: int, plots: Path, name: str,
-                      label=share_of_pretraining) -> None:
-    print(test_table(test, texts, label))
+                      budget_label=share_of_pretraining) -> None:
+    print(test_table(test, texts, budget_label))
     print("\nHAM against its base method, seed by seed (ratio of perplexities; below 1: HAM helped):\n")
-    print(ham_table(test, texts, label))
+    print(ham_table(test, texts, budget_label))
     print("\nThe goal: PILoT's best against the best of gmp and one-shot + fine-tuning (seed means):\n")
-    print(goal_table(test, texts, label))
+    print(goal_table(test, texts, budget_label))
     plots.mkdir(parents=True, exist_ok=True)
     for path in (plot_curves(test, texts, pretraining_tokens, plots / f"{name}-curves.png"),
-                 plot_diagnostics(test, plots / f"{name}-diagnostics.png", label)):
+                 plot_diagnostics(test, plots / f"{name}-diagnostics.png", budget_label)):
         if path:
             print(f"\n![{path.stem}]({os.path.relpath(path, ROOT / 'docs')})")
 

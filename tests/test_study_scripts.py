@@ -104,7 +104,7 @@ def test_a_run_can_be_limited_to_exact_methods_a_sparsity_and_a_seed():
     cells_module = _script("study_cells")
     config = cells_module.load_config(ROOT / "configs" / "study" / "part1.yaml")
     test = cells_module.cells(config, "test")
-    picked = cells_module.select(test, "pilot, gmp+ham", "0.7", 0)
+    picked = cells_module.select(test, "pilot, gmp+ham", 0.7, 0)
     assert {c["method"] for c in picked} == {"pilot", "gmp+ham"}  # exact: 'pilot+wanda' is not 'pilot'
     assert {c["sparsity"] for c in picked} == {"0.7"} and {c["seed"] for c in picked} == {0}
     assert len(picked) == len(config["test"]["budgets"]) * 2
