@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import is_study_cells_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,9 +96,12 @@ def test_the_goal_table_sets_pilots_best_against_the_best_control_on_seed_means(
     report = _script("study_report")
     rows = [_cell("pilot", "0.7", 0.25, 0, a=80.0), _cell("pilot+wanda", "0.7", 0.25, 0, a=90.0),
             _cell("gmp", "0.7", 0.25, 0, a=100.0), _cell("gmp", "0.7", 0.25, 1, a=80.0),  # gmp's mean: 90
-            _cell("finetune+sparsegpt", "0.7", 0.25, 0, a=95.0), _cell("wanda", "0.7", 0.0, 0, a=500.0)]
+            _cell("finetune+sparsegpt", "0.7", 0.25, 0, a=95.0), _cell("wanda", "0.7", 0.0, 0, a=500.0),
+            _cell("spred", "0.7", 0.25, 0, a=99.0),  # beside the goal, not in it
+            _cell("pilot", "0.9", 0.25, 0, a=300.0), _cell("gmp", "0.9", 0.25, 0, a=200.0)]
     lines = report.goal_table(rows, ["a"]).splitlines()[2:]
-    assert lines == ["| 0.7 @ 25% | a | pilot 80.00 | gmp 90.00 | 0.889 | yes |"]
+    assert lines == ["| 0.7 @ 25% | a | pilot 80.00 | gmp 90.00 | 0.889 | yes | 1.100 |",
+                     "| 0.9 @ 25% | a | pilot 300.00 | gmp 200.00 | 1.500 | no | – |"]
 
 
 def test_a_run_can_be_limited_to_exact_methods_a_sparsity_and_a_seed():
@@ -129,3 +133,19 @@ def test_part2_sweep_rows_are_read_as_one_seed_cells_with_the_budget_in_tokens(t
     table = report.test_table(rows, ["a"], report.tokens)
     assert "| method | 0.7 @ 32,768 tokens | 0.7 @ 131,072 tokens |" in table
     assert "| wanda | 50.00 | 50.00 |" in table and "| pilot | 30.00 | – |" in table
+
+
+def test_the_diagnostics_figure_has_one_legend_entry_per_run_and_no_two_runs_look_alike(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    report = _script("study_report")
+    log = [{"step": s, "alpha": 1e-4, "balance": 0.5, "l1_ratio": 0.9, "prune_damage": 0.4} for s in (10, 20)]
+    rows = [{**_cell(m, sp, b, seed), "train_log": log, "steps": 20}
+            for m in ("pilot", "pilot+wanda", "spred") for sp in ("0.7", "0.9") for b in (0.01, 0.25)
+            for seed in (0, 1)][:-1] + [{**_cell("gmp", "0.7", 0.01, 0), "train_log": log, "steps": 20}]
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    report.plot_diagnostics(rows, tmp_path / "d.png")
+    (legend,) = figures[0].legends
+    assert len(legend.get_texts()) == 23  # every m ⊙ w run, gmp left out
+    looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in figures[0].axes[0].lines}
+    assert len(looks) == 12  # method x budget x sparsity; the seeds of one cell share a look by design
