@@ -87,6 +87,19 @@ def seeds_of_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
     return cells
 
 
+def mark_superseded(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
+    """Test rows run with a setting that the config no longer chooses for their method (a later tune changed it)
+    keep their numbers under a name of their own, so that the tables show them while the goal, the HAM
+    comparison and the plots read the current choice only."""
+    marked = []
+    for row in rows:
+        if row.get("settings", {}) != chosen.get(row["method"], {}):
+            row = {**row, "method": f"{row['method']} ({settings_text(row['settings'])}; superseded)",
+                   "superseded": True}
+        marked.append(row)
+    return marked
+
+
 def test_table(rows: list[dict], texts: list[str], budget_label=share_of_pretraining) -> str:
     """Rows: method; columns: (sparsity, budget) per text; seeds averaged (their spread in brackets)."""
     cells = seeds_of_cells(rows)
@@ -170,6 +183,7 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
     plt = _pyplot()
     if plt is None:
         return None
+    rows = [r for r in rows if not r.get("superseded")]
     sparsities = sorted({r["sparsity"] for r in rows if r["budget"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: "black" if m == "dense" else plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
@@ -207,7 +221,8 @@ def plot_diagnostics(rows: list[dict], out: Path, budget_label=share_of_pretrain
     plt = _pyplot()
     if plt is None:
         return None
-    pilot = [r for r in rows if r["method"].startswith(("pilot", "spred")) and r.get("train_log")]
+    pilot = [r for r in rows if r["method"].startswith(("pilot", "spred")) and r.get("train_log")
+             and not r.get("superseded")]
     if not pilot:
         return None
     # One colour per method, one line style per budget, one marker per sparsity: a run is told apart by its line
@@ -304,7 +319,7 @@ def main() -> None:
     results = ROOT / config["results"]
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     tune = [r for r in rows if r["phase"] == "tune"]
-    test = [r for r in rows if r["phase"] == "test"]
+    test = mark_superseded([r for r in rows if r["phase"] == "test"], config["test"].get("chosen") or {})
     if tune:
         print(f"## Tune phase ({len(tune)} cells; sparsity {tune[0]['sparsity']}, budget {config['tune']['budget']:.0%}"
               " of pretraining; validation texts)\n")

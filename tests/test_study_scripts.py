@@ -149,3 +149,16 @@ def test_the_diagnostics_figure_has_one_legend_entry_per_run_and_no_two_runs_loo
     assert len(legend.get_texts()) == 23  # every m ⊙ w run, gmp left out
     looks = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in figures[0].axes[0].lines}
     assert len(looks) == 12  # method x budget x sparsity; the seeds of one cell share a look by design
+
+
+def test_cells_of_a_setting_no_longer_chosen_are_shown_apart_and_left_out_of_the_goal():
+    report = _script("study_report")
+    old = {**_cell("pilot", "0.7", 0.25, 0, a=80.0), "settings": {"learning_rate": 1e-3}}
+    new = {**_cell("pilot", "0.7", 0.25, 0, a=95.0), "settings": {"learning_rate": 1e-3, "beta": 1e-3}}
+    gmp = {**_cell("gmp", "0.7", 0.25, 0, a=90.0), "settings": {"learning_rate": 3e-4}}
+    rows = report.mark_superseded([old, new, gmp], {"pilot": {"learning_rate": 1e-3, "beta": 1e-3},
+                                                    "gmp": {"learning_rate": 3e-4}})
+    assert [r["method"] for r in rows] == ["pilot (learning_rate 0.001; superseded)", "pilot", "gmp"]
+    assert report.goal_table(rows, ["a"]).splitlines()[2:] == [
+        "| 0.7 @ 25% | a | pilot 95.00 | gmp 90.00 | 1.056 | no | – |"]  # the old 80.00 is not PILoT's best
+    assert "| pilot (learning_rate 0.001; superseded) | 80.00 |" in report.test_table(rows, ["a"])
