@@ -89,13 +89,15 @@ def seeds_of_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 def mark_superseded(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
     """Test rows run with a setting that the config no longer chooses for their method (a later tune changed it)
-    keep their numbers under a name of their own, so that the tables show them while the goal, the HAM
-    comparison and the plots read the current choice only."""
+    keep their numbers under a name of their own, which names the settings that differ from the choice ('default':
+    the library's), so that the tables show them while the goal, the HAM comparison and the plots read the current
+    choice only."""
     marked = []
     for row in rows:
-        if row.get("settings", {}) != chosen.get(row["method"], {}):
-            row = {**row, "method": f"{row['method']} ({settings_text(row['settings'])}; superseded)",
-                   "superseded": True}
+        ran, now = row.get("settings", {}), chosen.get(row["method"], {})
+        if ran != now:
+            differs = {k: ran.get(k, "default") for k in sorted({*ran, *now}) if ran.get(k) != now.get(k)}
+            row = {**row, "method": f"{row['method']} ({settings_text(differs)}; superseded)", "superseded": True}
         marked.append(row)
     return marked
 

@@ -158,7 +158,7 @@ def test_cells_of_a_setting_no_longer_chosen_are_shown_apart_and_left_out_of_the
     gmp = {**_cell("gmp", "0.7", 0.25, 0, a=90.0), "settings": {"learning_rate": 3e-4}}
     rows = report.mark_superseded([old, new, gmp], {"pilot": {"learning_rate": 1e-3, "beta": 1e-3},
                                                     "gmp": {"learning_rate": 3e-4}})
-    assert [r["method"] for r in rows] == ["pilot (learning_rate 0.001; superseded)", "pilot", "gmp"]
+    assert [r["method"] for r in rows] == ["pilot (beta default; superseded)", "pilot", "gmp"]
     assert report.goal_table(rows, ["a"]).splitlines()[2:] == [
         "| 0.7 @ 25% | a | pilot 95.00 | gmp 90.00 | 1.056 | no | – |"]  # the old 80.00 is not PILoT's best
-    assert "| pilot (learning_rate 0.001; superseded) | 80.00 |" in report.test_table(rows, ["a"])
+    assert "| pilot (beta default; superseded) | 80.00 |" in report.test_table(rows, ["a"])
