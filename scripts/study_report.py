@@ -185,7 +185,6 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
     plt = _pyplot()
     if plt is None:
         return None
-    rows = [r for r in rows if not r.get("superseded")]
     sparsities = sorted({r["sparsity"] for r in rows if r["budget"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: "black" if m == "dense" else plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
@@ -223,8 +222,7 @@ def plot_diagnostics(rows: list[dict], out: Path, budget_label=share_of_pretrain
     plt = _pyplot()
     if plt is None:
         return None
-    pilot = [r for r in rows if r["method"].startswith(("pilot", "spred")) and r.get("train_log")
-             and not r.get("superseded")]
+    pilot = [r for r in rows if r["method"].startswith(("pilot", "spred")) and r.get("train_log")]
     if not pilot:
         return None
     # One colour per method, one line style per budget, one marker per sparsity: a run is told apart by its line
@@ -280,13 +278,14 @@ def part2_rows(paths) -> list[dict]:
 def print_test_report(test: list[dict], texts: list[str], pretraining_tokens: int, plots: Path, name: str,
                       budget_label=share_of_pretraining) -> None:
     print(test_table(test, texts, budget_label))
+    current = [r for r in test if not r.get("superseded")]  # everything but the table reads the current choice
     print("\nHAM against its base method, seed by seed (ratio of perplexities; below 1: HAM helped):\n")
-    print(ham_table(test, texts, budget_label))
+    print(ham_table(current, texts, budget_label))
     print("\nThe goal: PILoT's best against the best of gmp and one-shot + fine-tuning (seed means):\n")
-    print(goal_table(test, texts, budget_label))
+    print(goal_table(current, texts, budget_label))
     plots.mkdir(parents=True, exist_ok=True)
-    for path in (plot_curves(test, texts, pretraining_tokens, plots / f"{name}-curves.png"),
-                 plot_diagnostics(test, plots / f"{name}-diagnostics.png", budget_label)):
+    for path in (plot_curves(current, texts, pretraining_tokens, plots / f"{name}-curves.png"),
+                 plot_diagnostics(current, plots / f"{name}-diagnostics.png", budget_label)):
         if path:
             print(f"\n![{path.stem}]({os.path.relpath(path, ROOT / 'docs')})")
 
