@@ -211,8 +211,10 @@ def card_info_for_run(settings: dict, sparsity_report: dict, *, base_model: str,
     method = settings["method"]
     description = DESCRIPTIONS.get(method, (method, ""))[1]
     if settings.get("warm_start"):
+        fixed = settings.get("keep_zeros")  # the one-shot pattern held for the whole run
         description += (f" Training started from the {settings['warm_start']} one-shot solution at the target "
-                        "sparsity (warm start); pruned weights could regrow.")
+                        "sparsity (warm start); " + ("its pattern stayed fixed: pruned weights were held at 0."
+                                                     if fixed else "pruned weights could regrow."))
     hyperparameters = {k: v for k, v in settings.items() if v is not None and k != "method"}
     fields_.setdefault("method_description", description)
     return CardInfo(base_model=base_model, sparsity_report=sparsity_report, method=method,

@@ -168,7 +168,9 @@ class PILoTTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Fine-tune an already sparse model without losing its zeros: every target weight that is 0 "
                   "when training starts stays exactly 0 (re-applied after each optimizer step, Adam's momentum "
-                  "included). Needs method='finetune' and sparsity=0 (nothing is pruned at the end)."})
+                  "included). Needs method='finetune': with sparsity=0 on a model pruned elsewhere, or with a "
+                  "sparsity and a warm_start, whose one-shot pattern then stays fixed (one-shot + fine-tuning with a "
+                  "fixed mask; recovery_steps defaults to 0, since the pattern never changes)."})
     gmp_interval: int = field(
         default=10, metadata={"help": "method=gmp: optimizer steps between pruning events (Zhu & Gupta's Δt)."})
     gmp_start_step: int = field(default=0, metadata={"help": "method=gmp: the step of the first pruning event."})
@@ -278,9 +280,11 @@ class PILoTTrainingArguments(TrainingArguments):
                 raise ValueError(f"gmp needs gmp_interval ≥ 1 (got {self.gmp_interval}), gmp_start_step ≥ 0 (got "
                                  f"{self.gmp_start_step}) and 0 ≤ gmp_initial_sparsity < sparsity (got "
                                  f"{self.gmp_initial_sparsity} vs {self.sparsity}).")
-        if self.keep_zeros and (self.method != "finetune" or self.prunes or self.warm_start):
-            raise ValueError("keep_zeros fine-tunes a model that is already sparse: use it with method='finetune', "
-                             "sparsity=0 and no warm_start (prune first, e.g. with `pilot-hf oneshot`).")
+        if self.keep_zeros and (self.method != "finetune" or self.prunes and not self.warm_start):
+            raise ValueError("keep_zeros fine-tunes with the zeros a model has when training starts held at 0: use it "
+                             "with method='finetune', either on a model that is already sparse (sparsity=0, e.g. after "
+                             "`pilot-hf oneshot`) or after a one-shot warm start (a sparsity and warm_start='wanda', "
+                             "'sparsegpt' or 'magnitude': the one-shot pattern then stays fixed for the whole run).")
         if self.num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples}: must be ≥ 1.")
         if self.lm_loss_weight is None:
@@ -362,7 +366,9 @@ class PILoTTrainingArguments(TrainingArguments):
         """Recovery and the controller's interval default to shares of the step budget (the benchmarked 8 and
         4 of 32 steps), so a longer run keeps the recipe's proportions."""
         if self.recovery_steps is None:
-            self.recovery_steps = self.max_steps // 4 if self.prunes and self.max_steps > 0 else 0
+            # a fixed one-shot pattern (keep_zeros after a warm start) has nothing left to recover from
+            self.recovery_steps = self.max_steps // 4 if self.prunes and self.max_steps > 0 and not self.keep_zeros \
+                else 0
         if self.alpha_update_interval is None:
             self.alpha_update_interval = max(1, self.max_steps // 8) if self.max_steps > 0 else 10
 

@@ -97,3 +97,26 @@ def test_keep_zeros_fine_tunes_a_sparse_model_without_losing_a_zero(tmp_path):
         assert not torch.equal(layer.weight, before[name]), name  # the kept weights did train
     with pytest.raises(ValueError, match="keep_zeros"):
         make_args(tmp_path, method="pilot", keep_zeros=True)
+    with pytest.raises(ValueError, match="warm start"):  # a target with no one-shot start: nothing to keep
+        make_args(tmp_path, method="finetune", sparsity=0.5, keep_zeros=True)
+
+
+def test_keep_zeros_after_a_warm_start_fixes_the_one_shot_pattern(tmp_path):
+    """One-shot + fine-tuning with a fixed mask: the Wanda pattern of the warm start is the final pattern, exactly,
+    the surviving weights train, and the card says the pattern was fixed."""
+    from pilot_hf.card import card_info_for_run
+
+    args = make_args(tmp_path, method="finetune", warm_start="wanda", sparsity=0.6, keep_zeros=True, max_steps=10,
+                     learning_rate=1e-2)
+    assert args.recovery_steps == 0  # the pattern never changes, so there is nothing to recover from
+    trainer = PILoTTrainer(model=tiny_model("llama"), args=args, train_dataset=arithmetic_dataset())
+    started = {n: m.weight.detach().clone() for n, m in find_target_layers(trainer.model).items()}
+    assert all(float((w == 0).float().mean()) == pytest.approx(0.6, abs=0.01) for w in started.values())
+    trainer.train()
+    for name, layer in find_target_layers(trainer.model).items():
+        assert torch.equal(layer.weight == 0, started[name] == 0), name
+        assert not torch.equal(layer.weight, started[name]), name
+    settings = args.run_settings()
+    assert "pattern stayed fixed" in card_info_for_run(settings, trainer.sparsity_report, base_model="m").method_description
+    assert "could regrow" in card_info_for_run({**settings, "keep_zeros": False}, trainer.sparsity_report,
+                                               base_model="m").method_description
