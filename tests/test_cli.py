@@ -209,6 +209,7 @@ def _error(run):
     (["--sparsity", "1.5"], "strictly between 0 and 1"),
     (["--sparsity_pattern", "3:5"], "always gives sparsity 0.4; got sparsity=0.5"),  # never silently changed
     (["--sparsity", "0.4", "--sparsity_pattern", "3:5"], "divisible by 5"),
+    (["--method", "pilot", "--keep_zeros", "true"], "keep_zeros fine-tunes"),  # a fixed mask is finetune's
 ])
 def test_bad_flags(tiny_dir, tmp_path, extra, message):
     run = pilot_hf("compress", *tiny_flags(tiny_dir, tmp_path / "o"), *extra)
