@@ -82,13 +82,14 @@ def named_methods(only: str | None) -> set[str] | None:
     return None if only is None else {m.strip() for m in only.split(",")}
 
 
-def select(all_cells: list[dict], only: str | None, sparsity: float | None, seed: int | None) -> list[dict]:
+def select(all_cells: list[dict], only: str | None, sparsity: float | None, seed: int | None,
+           budget: float | None = None) -> list[dict]:
     """The cells a run is limited to (all when a filter is None), so that a session can take the cells that
     decide a column first. Method names are matched exactly: 'pilot' is not 'pilot+wanda'."""
     methods = named_methods(only)
     return [c for c in all_cells if (methods is None or c["method"] in methods)
             and (sparsity is None or float(c["sparsity"]) == sparsity)
-            and (seed is None or c["seed"] == seed)]
+            and (seed is None or c["seed"] == seed) and (budget is None or c["budget"] == budget)]
 
 
 def grid_settings(grid: dict | list | None) -> list[dict]:
@@ -190,6 +191,7 @@ def main() -> None:
                    help="run only these methods (exact names, comma-separated; e.g. pilot,gmp+ham)")
     p.add_argument("--sparsity", type=float, default=None, help="run only cells at this sparsity (e.g. 0.7)")
     p.add_argument("--seed", type=int, default=None, help="run only cells of this seed")
+    p.add_argument("--budget", type=float, default=None, help="run only cells of this budget (e.g. 0.25)")
     p.add_argument("--commit", action="store_true", help="git-commit the results file after each cell")
     a = p.parse_args()
     datasets.disable_progress_bars()
@@ -202,7 +204,7 @@ def main() -> None:
     if unknown:
         p.error(f"--only names no method of this phase: {', '.join(sorted(unknown))}; "
                 f"its methods are {', '.join(sorted({c['method'] for c in every}))}")
-    todo = [c for c in select(every, a.only, a.sparsity, a.seed) if cell_key(a.phase, c) not in done]
+    todo = [c for c in select(every, a.only, a.sparsity, a.seed, a.budget) if cell_key(a.phase, c) not in done]
     print(f"{a.phase}: {len(done)} cells in {config['results'].name}, {len(todo)} left", flush=True)
     if a.list:
         for c in todo:

@@ -104,7 +104,7 @@ def test_the_goal_table_sets_pilots_best_against_the_best_control_on_seed_means(
                      "| 0.9 @ 25% | a | pilot 300.00 | gmp 200.00 | 1.500 | no | – |"]
 
 
-def test_a_run_can_be_limited_to_exact_methods_a_sparsity_and_a_seed():
+def test_a_run_can_be_limited_to_exact_methods_a_sparsity_a_seed_and_a_budget():
     cells_module = _script("study_cells")
     config = cells_module.load_config(ROOT / "configs" / "study" / "part1.yaml")
     test = cells_module.cells(config, "test")
@@ -113,6 +113,8 @@ def test_a_run_can_be_limited_to_exact_methods_a_sparsity_and_a_seed():
     assert {c["sparsity"] for c in picked} == {"0.7"} and {c["seed"] for c in picked} == {0}
     assert len(picked) == len(config["test"]["budgets"]) * 2
     assert cells_module.select(test, None, None, None) == test
+    column = cells_module.select(test, "pilot", 0.9, 0, budget=0.25)
+    assert [(c["sparsity"], c["budget"]) for c in column] == [("0.9", 0.25)]
 
 
 def test_part2_sweep_rows_are_read_as_one_seed_cells_with_the_budget_in_tokens(tmp_path):
