@@ -4,6 +4,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 import yaml
 from helpers import REPO, is_study_cells_config, pilot_hf, tiny_flags
 
@@ -49,6 +50,29 @@ def test_compress_then_evaluate(tiny_dir, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads((tmp_path / "eval.json").read_text())["pydoc"]["perplexity"]
     assert again == pytest.approx(metrics["sparse"]["pydoc"]["perplexity"], rel=1e-6)
+
+
+def test_one_shot_then_fine_tuning_with_a_fixed_mask(tiny_dir, tmp_path):
+    """`--method finetune --warm_start magnitude --keep_zeros true`: the saved model's zeros are exactly those of a
+    one-shot magnitude prune of the model given, and the weights that survive were trained."""
+    from transformers import AutoModelForCausalLM
+
+    from pilot_hf import find_target_layers, magnitude_prune
+
+    out = tmp_path / "fixed"
+    run = pilot_hf("compress", *tiny_flags(tiny_dir, out, "--method", "finetune", "--warm_start", "magnitude",
+                                           "--keep_zeros", "true"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    oneshot = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    magnitude_prune(oneshot, 0.5)
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    expected, got = find_target_layers(oneshot), find_target_layers(trained)
+    for name, layer in expected.items():
+        assert torch.equal(got[name].weight == 0, layer.weight == 0), name
+        assert not torch.equal(got[name].weight, layer.weight), name
+    settings = json.loads((out / "run_config.json").read_text())["settings"]
+    assert settings["keep_zeros"] is True and settings["warm_start"] == "magnitude"
+    assert "pattern stayed fixed" in (out / "README.md").read_text()
 
 
 def test_yaml_and_command_line_resolve_identically(tiny_dir, tmp_path):
