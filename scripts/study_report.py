@@ -97,9 +97,19 @@ def mark_superseded(rows: list[dict], chosen: dict[str, dict]) -> list[dict]:
         ran, now = row.get("settings", {}), chosen.get(row["method"], {})
         if ran != now:
             differs = {k: ran.get(k, "default") for k in sorted({*ran, *now}) if ran.get(k) != now.get(k)}
-            row = {**row, "method": f"{row['method']} ({settings_text(differs)}; superseded)", "superseded": True}
+            row = {**row, "method": f"{row['method']} ({settings_text(differs)}; superseded)",
+                   "superseded_from": row["method"]}
         marked.append(row)
     return marked
+
+
+def methods_in_order(rows: list[dict]) -> list[str]:
+    """The methods of the rows in the order they first ran, each superseded variant right after its method."""
+    first = {}
+    for row in rows:
+        first.setdefault(row.get("superseded_from", row["method"]), len(first))
+    place = {r["method"]: (first[r.get("superseded_from", r["method"])], "superseded_from" in r) for r in rows}
+    return sorted(place, key=place.get)
 
 
 def test_table(rows: list[dict], texts: list[str], budget_label=share_of_pretraining) -> str:
@@ -110,7 +120,7 @@ def test_table(rows: list[dict], texts: list[str], budget_label=share_of_pretrai
     for text in texts:
         lines += [f"\n{text} (held out):\n", "| method | " + " | ".join(f"{s} @ {budget_label(b)}" for s, b in columns) + " |",
                   "|---|" + "---|" * len(columns)]
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for method in methods_in_order(rows):
             values = []
             for sparsity, budget in columns:
                 found = cells.get((method, sparsity, budget)) or cells.get((method, sparsity, 0.0)) \
@@ -278,7 +288,7 @@ def part2_rows(paths) -> list[dict]:
 def print_test_report(test: list[dict], texts: list[str], pretraining_tokens: int, plots: Path, name: str,
                       budget_label=share_of_pretraining) -> None:
     print(test_table(test, texts, budget_label))
-    current = [r for r in test if not r.get("superseded")]  # everything but the table reads the current choice
+    current = [r for r in test if "superseded_from" not in r]  # everything but the table reads the current choice
     print("\nHAM against its base method, seed by seed (ratio of perplexities; below 1: HAM helped):\n")
     print(ham_table(current, texts, budget_label))
     print("\nThe goal: PILoT's best against the best of gmp and one-shot + fine-tuning (seed means):\n")

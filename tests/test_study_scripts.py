@@ -164,3 +164,4 @@ def test_cells_of_a_setting_no_longer_chosen_are_shown_apart_and_left_out_of_the
     assert report.goal_table(rows, ["a"]).splitlines()[2:] == [
         "| 0.7 @ 25% | a | pilot 95.00 | gmp 90.00 | 1.056 | no | – |"]  # the old 80.00 is not PILoT's best
     assert "| pilot (beta default; superseded) | 80.00 |" in report.test_table(rows, ["a"])
+    assert report.methods_in_order(rows) == ["pilot", "pilot (beta default; superseded)", "gmp"]
