@@ -11,7 +11,7 @@ from transformers.trainer_utils import SaveStrategy, SchedulerType
 
 from .config import ALL_LINEAR, PILoTConfig
 from .distillation import RECIPE_LOSS_WEIGHTS, default_lm_loss_weight
-from .methods import check_trained_method, check_warm_start
+from .methods import WARM_STARTS, check_trained_method, check_warm_start
 from .pruning import SparsityPattern
 from .regularization import SCHEDULES
 from .wrapping import weight_rms
@@ -283,8 +283,8 @@ class PILoTTrainingArguments(TrainingArguments):
         if self.keep_zeros and (self.method != "finetune" or self.prunes and not self.warm_start):
             raise ValueError("keep_zeros fine-tunes with the zeros a model has when training starts held at 0: use it "
                              "with method='finetune', either on a model that is already sparse (sparsity=0, e.g. after "
-                             "`pilot-hf oneshot`) or after a one-shot warm start (a sparsity and warm_start='wanda', "
-                             "'sparsegpt' or 'magnitude': the one-shot pattern then stays fixed for the whole run).")
+                             "`pilot-hf oneshot`) or after a one-shot warm start (a sparsity and a warm_start of "
+                             f"{WARM_STARTS}: the one-shot pattern then stays fixed for the whole run).")
         if self.num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples}: must be ≥ 1.")
         if self.lm_loss_weight is None:
