@@ -9,6 +9,8 @@
 - A trained method may start from a one-shot solution instead of the dense model: its *warm start*
   (`warm_start="wanda"`; the paper's x_init, docs/METHOD.md section 2). A sweep writes such a cell as
   `pilot+wanda`: method `pilot`, warm start `wanda`. Pruned weights start at 0 and may regrow.
+- `finetune` from a warm start may instead keep the one-shot pattern fixed for the whole run (`keep_zeros`: one-shot
+  + fine-tuning as the literature reports it); a sweep writes that cell with `+fixed` (`finetune+sparsegpt+fixed`).
 - Any trained method may also distil from the dense model (docs/METHOD.md section 10); a sweep writes that
   cell with the suffix `+kd` (`pilot+wanda+kd`), so runs with and without distillation are separate rows.
 - Any trained method may add HAM's multiplicative step after each optimizer step (docs/METHOD.md section 11):
@@ -26,6 +28,7 @@ WARM_STARTS = ONESHOT_METHODS
 CALIBRATED_METHODS = ("wanda", "sparsegpt")  # need calibration activations
 DISTILLED = "kd"  # sweep suffix: this trained cell distils from the dense model
 HAM = "ham"  # sweep suffix: this trained cell adds HAM's step after each optimizer step
+FIXED = "fixed"  # sweep suffix: this warm-started finetune cell keeps the one-shot pattern (keep_zeros)
 
 # Model-card title and description of each method.
 DESCRIPTIONS = {
@@ -74,29 +77,39 @@ def check_warm_start(warm_start: str | None) -> str | None:
 @dataclass(frozen=True)
 class MethodSpec:
     """A method as a sweep names it: 'dense', a one-shot method, or a trained method with its options,
-    '<trained>[+<warm start>][+ham][+kd]' (written in that order)."""
+    '<trained>[+<warm start>][+fixed][+ham][+kd]' (written in that order; '+fixed' only as 'finetune+<warm
+    start>+fixed')."""
 
     name: str
     warm_start: str | None = None
     distill: bool = False
     ham: bool = False
+    fixed: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> MethodSpec:
         name, *rest = str(spec).split("+")
         warm_start = rest.pop(0) if rest and rest[0] in WARM_STARTS else None
+        fixed = rest[:1] == [FIXED]
+        rest = rest[fixed:]
         known = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS)
         if name not in known or (rest or warm_start) and name not in TRAINED_METHODS \
                 or rest not in ([], [HAM], [DISTILLED], [HAM, DISTILLED]):
-            examples = ", ".join([*known, "pilot+wanda", "pilot+wanda+kd", "gmp+ham", "finetune+wanda+ham"])
+            examples = ", ".join([*known, "pilot+wanda", "pilot+wanda+kd", "gmp+ham", "finetune+sparsegpt+fixed",
+                                  "finetune+wanda+ham"])
             raise ValueError(f"unknown method {spec!r}; choose among {examples} (a trained method may start "
-                             f"from a one-shot one, '<trained>+<{'|'.join(WARM_STARTS)}>', add HAM, '...+{HAM}', "
-                             f"and distil from the dense model, '...+{DISTILLED}', in this order).")
-        return cls(name, warm_start, DISTILLED in rest, HAM in rest)
+                             f"from a one-shot one, '<trained>+<{'|'.join(WARM_STARTS)}>', keep that start's pattern "
+                             f"fixed, 'finetune+<one-shot>+{FIXED}', add HAM, '...+{HAM}', and distil from the dense "
+                             f"model, '...+{DISTILLED}', in this order).")
+        if fixed and (name != "finetune" or warm_start is None):
+            raise ValueError(f"method {spec!r}: '+{FIXED}' keeps a one-shot start's pattern while fine-tuning, so it "
+                             f"only follows 'finetune+<{'|'.join(WARM_STARTS)}>' (e.g. finetune+sparsegpt+{FIXED}); "
+                             "the other trained methods choose their own zeros.")
+        return cls(name, warm_start, DISTILLED in rest, HAM in rest, fixed)
 
     def __str__(self) -> str:
-        return "+".join([self.name, *([self.warm_start] if self.warm_start else []), *([HAM] if self.ham else []),
-                         *([DISTILLED] if self.distill else [])])
+        return "+".join([self.name, *([self.warm_start] if self.warm_start else []), *([FIXED] if self.fixed else []),
+                         *([HAM] if self.ham else []), *([DISTILLED] if self.distill else [])])
 
     @property
     def trained(self) -> bool:

@@ -36,9 +36,10 @@ class SweepArguments:
 
     methods: list[str] = field(default_factory=lambda: ["dense", "magnitude", "wanda", "sparsegpt"], metadata={
         "help": f"Methods: {', '.join(ALL_METHODS)} ('<trained>+<one-shot>': a trained method with a warm start; "
-                "append '+ham' to a trained method to add HAM's step with the given ham_alpha/ham_beta, and '+kd' "
-                "to distil from the dense model with the given distill_* settings, or logit distillation of weight "
-                "1 if none are given; in that order, e.g. finetune+wanda+ham+kd)."})
+                "'finetune+<one-shot>+fixed' keeps that start's pattern fixed (keep_zeros); append '+ham' to a trained "
+                "method to add HAM's step with the given ham_alpha/ham_beta, and '+kd' to distil from the dense model "
+                "with the given distill_* settings, or logit distillation of weight 1 if none are given; in that "
+                "order, e.g. finetune+sparsegpt+fixed+ham+kd)."})
     sparsities: list[str] = field(default_factory=lambda: ["0.5", "0.7", "2:4"], metadata={
         "help": "Sparsities (fractions, unstructured per layer) or N:M patterns."})
 
@@ -63,8 +64,8 @@ def parse_cell_sparsity(spec: str) -> tuple[float, str]:
 
 def cell_arguments(training_args: PILoTTrainingArguments, spec: MethodSpec, sparsity_spec: str,
                    output_dir: str) -> PILoTTrainingArguments:
-    """The training arguments of one trained cell: the shared budget, this cell's method and target; HAM and
-    distillation only in cells named with '+ham' / '+kd'."""
+    """The training arguments of one trained cell: the shared budget, this cell's method and target; a fixed
+    one-shot pattern, HAM and distillation only in cells named with '+fixed' / '+ham' / '+kd'."""
     sparsity, pattern = parse_cell_sparsity(sparsity_spec)
     distill = {"distill_logit_weight": 0.0, "distill_feature_weight": 0.0, "teacher_model_name_or_path": None,
                "teacher_dtype": None, "lm_loss_weight": 1.0, "teacher_sample_share": 0.0}  # no '+kd': no teacher
@@ -73,7 +74,7 @@ def cell_arguments(training_args: PILoTTrainingArguments, spec: MethodSpec, spar
     return training_args.with_method(spec.name, warm_start=spec.warm_start, sparsity=None if ":" in pattern else
                                      sparsity, sparsity_pattern=pattern, output_dir=output_dir, save_strategy="no",
                                      report_to=[], disable_tqdm=True, resume_from_checkpoint=None, ham=spec.ham,
-                                     **distill)
+                                     keep_zeros=spec.fixed, **distill)
 
 
 def cell_settings(spec: MethodSpec, sparsity_spec: str, model_args: ModelArguments, data_args: DataArguments,
@@ -163,6 +164,9 @@ def sweep(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalA
 
     `training_args.output_dir` is the sweep's folder; every trained cell trains with `training_args`
     (its method, warm start and target replaced by the cell's) in a temporary folder."""
+    if training_args.keep_zeros:  # before the folder is made
+        raise ValueError("keep_zeros is chosen per cell in a sweep: name the cells that keep a one-shot start's "
+                         "pattern 'finetune+<one-shot>+fixed' (e.g. finetune+sparsegpt+fixed) and leave keep_zeros off.")
     out = Path(training_args.output_dir).expanduser()
     with FolderLock(out.resolve()):
         out.mkdir(parents=True, exist_ok=True)

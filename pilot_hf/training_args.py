@@ -284,7 +284,8 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError("keep_zeros fine-tunes with the zeros a model has when training starts held at 0: use it "
                              "with method='finetune', either on a model that is already sparse (sparsity=0, e.g. after "
                              "`pilot-hf oneshot`) or after a one-shot warm start (a sparsity and a warm_start of "
-                             f"{WARM_STARTS}: the one-shot pattern then stays fixed for the whole run).")
+                             f"{WARM_STARTS}: the one-shot pattern then stays fixed for the whole run; in a sweep, "
+                             "name such a cell finetune+<one-shot>+fixed).")
         if self.num_calibration_samples < 1:
             raise ValueError(f"num_calibration_samples={self.num_calibration_samples}: must be ≥ 1.")
         if self.lm_loss_weight is None:
@@ -366,11 +367,13 @@ class PILoTTrainingArguments(TrainingArguments):
         """Recovery and the controller's interval default to shares of the step budget (the benchmarked 8 and
         4 of 32 steps), so a longer run keeps the recipe's proportions."""
         if self.recovery_steps is None:
-            # a fixed one-shot pattern (keep_zeros after a warm start) has nothing left to recover from
-            self.recovery_steps = self.max_steps // 4 if self.prunes and self.max_steps > 0 and not self.keep_zeros \
-                else 0
+            self.recovery_steps = self._default_recovery_steps()
         if self.alpha_update_interval is None:
             self.alpha_update_interval = max(1, self.max_steps // 8) if self.max_steps > 0 else 10
+
+    def _default_recovery_steps(self) -> int:
+        # a fixed one-shot pattern (keep_zeros after a warm start) has nothing left to recover from
+        return self.max_steps // 4 if self.prunes and self.max_steps > 0 and not self.keep_zeros else 0
 
     @classmethod
     def from_training_args(cls, args: TrainingArguments, **pilot_fields) -> PILoTTrainingArguments:
@@ -387,6 +390,8 @@ class PILoTTrainingArguments(TrainingArguments):
         for key in ("alpha_schedule", "init"):
             if values[key] == _METHOD_DEFAULTS[self.method][key]:
                 values[key] = None
+        if values["recovery_steps"] == self._default_recovery_steps():  # follows the new target and keep_zeros
+            values["recovery_steps"] = None
         if values["lm_loss_weight"] == default_lm_loss_weight(self.distills):  # follows distillation on or off
             values["lm_loss_weight"] = None
         return type(self)(**{**values, "method": method, **changes})

@@ -133,7 +133,9 @@ def test_table(rows: list[dict], texts: list[str], budget_label=share_of_pretrai
 
 
 PILOT_METHODS = ("pilot", "pilot+wanda")  # PILoT from dense and from the best one-shot start
-CONTROLS = ("gmp", "finetune+wanda", "finetune+sparsegpt")  # the goal's "best of gmp and one-shot + fine-tuning"
+# the goal's "best of gmp and one-shot + fine-tuning"; in part 1 the fine-tuning rows are the chosen (fixed-mask) cells,
+# in part 2's sweep the fixed mask is a cell of its own (`+fixed`)
+CONTROLS = ("gmp", "finetune+wanda", "finetune+sparsegpt", "finetune+wanda+fixed", "finetune+sparsegpt+fixed")
 CONSTANT_ALPHA = "spred"  # the same m ⊙ w training with α held fixed (the paper's ablation): shown beside the goal
 
 

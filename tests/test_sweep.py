@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from pilot_hf import sweep as S
 from pilot_hf.data import DataArguments
@@ -58,11 +59,39 @@ def test_sweep_table_plot_and_resume(tmp_path, tiny_dir, monkeypatch):  # noqa: 
     assert calls == []
 
 
+def test_fixed_cell_keeps_the_one_shot_pattern(tmp_path, tiny_dir, monkeypatch):  # noqa: F811 (pytest fixture)
+    """'finetune+wanda+fixed' fine-tunes with Wanda's zeros held (keep_zeros, no recovery phase); the plain
+    'finetune+wanda' cell beside it still lets them regrow and prunes at the end."""
+    weights = []
+    real = S.evaluate_model
+    monkeypatch.setattr(S, "evaluate_model", lambda model, *a: weights.append(
+        {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}) or real(model, *a))
+    model, data, ev, targs, _ = args_for(tmp_path, tiny_dir, [], learning_rate=1e-2)
+    grid = S.SweepArguments(methods=["wanda", "finetune+wanda+fixed", "finetune+wanda"], sparsities=["0.5"])
+    by_cell = {r["method"]: r for r in S.sweep(model, data, ev, targs, grid)}
+    oneshot, fixed = weights[0], weights[1]
+    for name, w in oneshot.items():
+        assert torch.equal(fixed[name] == 0, w == 0), name  # exactly Wanda's zeros, no more, no fewer
+    assert any(not torch.equal(fixed[n], w) for n, w in oneshot.items())  # the kept weights trained
+    fixed_run = by_cell["finetune+wanda+fixed"]["settings"]["training"]
+    regrowing = by_cell["finetune+wanda"]["settings"]["training"]
+    assert (fixed_run["keep_zeros"], fixed_run["recovery_steps"]) == (True, 0)
+    assert (regrowing["keep_zeros"], regrowing["recovery_steps"]) == (False, 1)
+    assert by_cell["finetune+wanda+fixed"]["actual_sparsity"] == 0.5
+
+
 def test_bad_sweep_arguments():
     with pytest.raises(ValueError, match="unknown method"):
         S.SweepArguments(methods=["obs"])
     with pytest.raises(ValueError, match="unknown method"):
         S.SweepArguments(methods=["wanda+pilot"])
+    for name in ("finetune+sparsegpt+fixed", "finetune+wanda+fixed+ham+kd"):
+        assert str(S.MethodSpec.parse(name)) == name and S.MethodSpec.parse(name).fixed
+    for bad in ("pilot+wanda+fixed", "finetune+fixed", "gmp+fixed"):
+        with pytest.raises(ValueError, match=r"only follows 'finetune\+<"):
+            S.SweepArguments(methods=[bad])
+    with pytest.raises(ValueError, match="unknown method"):
+        S.SweepArguments(methods=["finetune+wanda+ham+fixed"])  # suffixes in their order
     with pytest.raises(ValueError, match="0 < N < M"):
         S.SweepArguments(sparsities=["4:2"])
     with pytest.raises(ValueError, match="strictly between 0 and 1"):

@@ -229,6 +229,12 @@ CASES = [
      False),
     ("sweep-trained-without-max_steps", lambda t, b, o: _sweep(t, o, "--methods", "pilot", "--max_steps", -1),
      "max_steps", False),
+    ("sweep-fixed-after-a-regularizer", lambda t, b, o: _sweep(t, o, "--methods", "pilot+wanda+fixed"),
+     "only follows 'finetune+<", False),
+    ("sweep-keep_zeros-for-every-cell", lambda t, b, o: _sweep(t, o, "--methods", "finetune+wanda", "--method",
+                                                                "finetune", "--warm_start", "wanda", "--keep_zeros",
+                                                                "true", "--max_steps", 4),
+     "name the cells that keep a one-shot start's pattern 'finetune+<one-shot>+fixed'", False),
     # --- push
     ("push-repo_id-missing", lambda t, b, o: ["push", str(t / "model")],
      "the following arguments are required: --repo_id", False),
