@@ -107,3 +107,13 @@ def test_tables_without_matplotlib(tmp_path, monkeypatch, caplog):
     assert (tmp_path / "results.csv").read_text().splitlines()[1].startswith("wanda,0.5,0.5000,12.500")
     assert not (tmp_path / "perplexity_vs_sparsity.png").exists()
     assert "pilot-hf[plot]" in caplog.text
+
+
+def test_cell_recovery_follows_the_cell_unless_given(tmp_path):
+    """A cell's recovery phase is its own default (a quarter of the budget; none for a fixed mask, which has no
+    final prune) unless the shared arguments set another value, which every cell then keeps."""
+    def recovery(method, **shared):
+        targs = PILoTTrainingArguments(output_dir=str(tmp_path), max_steps=8, use_cpu=True, report_to="none", **shared)
+        return S.cell_arguments(targs, S.MethodSpec.parse(method), "0.5", str(tmp_path / "cell")).recovery_steps
+    assert (recovery("finetune+wanda"), recovery("finetune+wanda+fixed"), recovery("pilot")) == (2, 0, 2)
+    assert (recovery("finetune+wanda", recovery_steps=3), recovery("finetune+wanda+fixed", recovery_steps=3)) == (3, 3)
