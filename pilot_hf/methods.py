@@ -91,7 +91,8 @@ class MethodSpec:
         name, *rest = str(spec).split("+")
         warm_start = rest.pop(0) if rest and rest[0] in WARM_STARTS else None
         fixed = rest[:1] == [FIXED]
-        rest = rest[fixed:]
+        if fixed:
+            rest = rest[1:]
         known = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS)
         if name not in known or (rest or warm_start) and name not in TRAINED_METHODS \
                 or rest not in ([], [HAM], [DISTILLED], [HAM, DISTILLED]):
@@ -126,4 +127,4 @@ class MethodSpec:
 
 
 ALL_METHODS = (DENSE, *ONESHOT_METHODS, *TRAINED_METHODS,
-               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))  # trained ones also "+ham", "+kd"
+               *(f"{t}+{w}" for t in TRAINED_METHODS for w in WARM_STARTS))  # trained ones also "+ham", "+kd"; finetune+<one-shot> also "+fixed"
