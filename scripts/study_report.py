@@ -9,7 +9,7 @@ figure of perplexity against tokens trained (one line per method; dense and one-
 PILoT's diagnostics over training (docs/METHOD.md section 4: alpha, balance, L1 ratio, prune damage). Two
 comparisons read off the test cells: each HAM method against its base method, seed by seed (issue 28 asks for
 two seeds), and the issue's goal, PILoT's best against the best control, column by column. Part 2's sweep results
-(scripts/study_part2.sh, one file per budget) are read as test cells of one seed whose budget is the tokens trained.
+(scripts/study_part2.sh, one file per budget and seed) are read as test cells whose budget is the tokens trained.
 """
 
 from __future__ import annotations
@@ -271,17 +271,20 @@ PART2_RESULTS = "docs/study/part2-*.json"  # one file per budget, written by scr
 
 
 def part2_rows(paths) -> list[dict]:
-    """Part 2's sweep rows as test cells: one seed, the budget in tokens trained (0 for dense and one-shot), and
-    '+kd' dropped from the names (every trained method there distills), so that the tables and the goal read
-    them as they read part 1. A one-shot or dense row repeated in several files counts once."""
+    """Part 2's sweep rows as test cells: the seed the cell ran with (the training seed, or the calibration seed of
+    a one-shot cell; 42, the default, where neither is recorded), the budget in tokens trained (0 for dense and
+    one-shot), and '+kd' dropped from the names (every trained method there distills), so that the tables and the
+    goal read them as they read part 1. A one-shot or dense row repeated in several files counts once."""
     rows = {}
     for path in paths:
         for r in json.loads(Path(path).read_text()):
             method = r["method"].removesuffix("+kd")
             sparsity = "0.0" if method == "dense" else r["sparsity"]
             budget = float(r.get("tokens_trained", 0))
-            rows[(method, sparsity, budget)] = {
-                "phase": "test", "method": method, "sparsity": sparsity, "budget": budget, "seed": 0,
+            settings = r.get("settings") or {}
+            seed = (settings.get("training") or settings.get("calibration") or {}).get("seed", 42)
+            rows[(method, sparsity, budget, seed)] = {
+                "phase": "test", "method": method, "sparsity": sparsity, "budget": budget, "seed": seed,
                 "perplexity": r["perplexity"], "train_log": r.get("train_log"),
                 "steps": (r.get("train_log") or [{"step": 0}])[-1]["step"], "time_s": r["time_s"]}
     return list(rows.values())

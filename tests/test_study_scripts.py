@@ -117,7 +117,7 @@ def test_a_run_can_be_limited_to_exact_methods_a_sparsity_a_seed_and_a_budget():
     assert [(c["sparsity"], c["budget"]) for c in column] == [("0.9", 0.25)]
 
 
-def test_part2_sweep_rows_are_read_as_one_seed_cells_with_the_budget_in_tokens(tmp_path):
+def test_part2_sweep_rows_are_read_as_cells_of_their_seed_with_the_budget_in_tokens(tmp_path):
     report = _script("study_report")
     log = [{"step": 16, "alpha": 1e-4}, {"step": 32, "alpha": 0.0}]
     short = [{"method": "dense", "sparsity": "0", "time_s": 0.0, "perplexity": {"a": 10.0}},
@@ -126,15 +126,19 @@ def test_part2_sweep_rows_are_read_as_one_seed_cells_with_the_budget_in_tokens(t
               "tokens_trained": 32768, "train_log": log}]
     long = [dict(short[1]), {"method": "gmp+kd", "sparsity": "0.7", "time_s": 9.0, "perplexity": {"a": 20.0},
                              "tokens_trained": 131072}]
+    other_seed = [{**long[1], "perplexity": {"a": 24.0}, "settings": {"training": {"seed": 43}}}]
     (tmp_path / "part2-32.json").write_text(json.dumps(short))
     (tmp_path / "part2-128.json").write_text(json.dumps(long))
+    (tmp_path / "part2-128-seed43.json").write_text(json.dumps(other_seed))
     rows = report.part2_rows(sorted(tmp_path.glob("part2-*.json")))
-    assert sorted((r["method"], r["sparsity"], r["budget"]) for r in rows) == [
-        ("dense", "0.0", 0.0), ("gmp", "0.7", 131072.0), ("pilot", "0.7", 32768.0), ("wanda", "0.7", 0.0)]
+    assert sorted((r["method"], r["sparsity"], r["budget"], r["seed"]) for r in rows) == [
+        ("dense", "0.0", 0.0, 42), ("gmp", "0.7", 131072.0, 42), ("gmp", "0.7", 131072.0, 43),
+        ("pilot", "0.7", 32768.0, 42), ("wanda", "0.7", 0.0, 42)]
     assert next(r for r in rows if r["method"] == "pilot")["steps"] == 32
     table = report.test_table(rows, ["a"], report.tokens)
     assert "| method | 0.7 @ 32,768 tokens | 0.7 @ 131,072 tokens |" in table
     assert "| wanda | 50.00 | 50.00 |" in table and "| pilot | 30.00 | – |" in table
+    assert "| gmp | – | 22.00 (20.00-24.00) |" in table  # the two seeds averaged, their range beside
 
 
 def test_the_diagnostics_figure_has_one_legend_entry_per_run_and_no_two_runs_look_alike(tmp_path, monkeypatch):
