@@ -178,12 +178,15 @@ class PILoTTrainingArguments(TrainingArguments):
         default=0.0, metadata={"help": "method=gmp: the schedule's starting sparsity s_i; it reaches the target "
                                "with a cubic curve at the end of the sparsification phase (max_steps − "
                                "recovery_steps)."})
-    ham: bool = field(
-        default=False,
+    ham: bool | None = field(
+        default=None,
         metadata={"help": "HAM (Hyperbolic Aware Minimization, Jacobs et al. ICLR 2026): after every optimizer step, "
                   "scale each target weight by exp(clamp(−lr·(ham_alpha·sign(w)·g/RMS(g) + ham_beta), −5, 5)), g its "
                   "gradient, RMS over the tensor (docs/METHOD.md section 11). Multiplicative: zeros stay zeros. For "
-                  "pilot/spred the product mask ⊙ weight is scaled (through the weight). Any trained method."})
+                  "pilot/spred the product mask ⊙ weight is scaled (through the weight). Any trained method. "
+                  "Default: on when the run prunes (a sparsity or an N:M pattern), off when it does not (sparsity 0, "
+                  "e.g. `pilot-hf finetune`): from a Wanda start at 50%, 70% and 2:4 it lowered every held-out text "
+                  "(docs/BENCHMARKS.md section 12, part 2). --ham false turns it off."})
     ham_alpha: float = field(
         default=1.0,
         metadata={"help": "HAM's gradient term, in learning-rate units: 1 scales an entry whose gradient has the "
@@ -270,6 +273,8 @@ class PILoTTrainingArguments(TrainingArguments):
             raise ValueError(f"warm_start={self.warm_start!r} prunes to the target sparsity first; give a sparsity, "
                              "or warm_start=None ('none' on the command line) to train without pruning.")
         self._resolve_budget_shares()
+        if self.ham is None:
+            self.ham = self._default_ham()
         if self.warm_start:
             pattern.check_method(self.warm_start, f"a {self.warm_start} warm start")
         if self.method == "gmp":
@@ -375,6 +380,9 @@ class PILoTTrainingArguments(TrainingArguments):
         # a fixed one-shot pattern (keep_zeros after a warm start) has nothing left to recover from
         return self.max_steps // 4 if self.prunes and self.max_steps > 0 and not self.keep_zeros else 0
 
+    def _default_ham(self) -> bool:
+        return self.prunes  # measured where a run prunes; a sparse model's fine-tuning keeps the plain optimizer step
+
     @classmethod
     def from_training_args(cls, args: TrainingArguments, **pilot_fields) -> PILoTTrainingArguments:
         """These arguments from a plain `TrainingArguments` (its values kept; PILoT fields at their defaults
@@ -385,13 +393,17 @@ class PILoTTrainingArguments(TrainingArguments):
 
     def with_method(self, method: str, **changes) -> PILoTTrainingArguments:
         """A copy for another trained method (a sweep cell): settings that only followed the old method's
-        defaults (alpha_schedule, init) follow the new one's; everything else is kept unless in `changes`."""
+        defaults (alpha_schedule, init) follow the new one's, and those that only followed the old target or
+        distillation (recovery_steps, ham, lm_loss_weight) follow the new ones; everything else is kept unless in
+        `changes`."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         for key in ("alpha_schedule", "init"):
             if values[key] == _METHOD_DEFAULTS[self.method][key]:
                 values[key] = None
         if values["recovery_steps"] == self._default_recovery_steps():  # follows the new target and keep_zeros
             values["recovery_steps"] = None
+        if values["ham"] == self._default_ham():  # follows the new target
+            values["ham"] = None
         if values["lm_loss_weight"] == default_lm_loss_weight(self.distills):  # follows distillation on or off
             values["lm_loss_weight"] = None
         return type(self)(**{**values, "method": method, **changes})

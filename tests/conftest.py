@@ -29,9 +29,10 @@ TINY_CONFIGS = {
 ARCHITECTURES = sorted(TINY_CONFIGS)
 
 # The trainer tests' own setting, stated rather than inherited from the defaults (which are the compression
-# recipe: a Wanda start, recovery, LM loss + distillation, a constant learning rate): plain training on the LM loss.
+# recipe: a Wanda start, recovery, LM loss + distillation, a constant learning rate, HAM when the run prunes): plain
+# training on the LM loss with the optimizer's own step.
 PLAIN_TRAINING = dict(warm_start=None, recovery_steps=0, lm_loss_weight=1.0, distill_logit_weight=0.0,
-                      distill_feature_weight=0.0, lr_scheduler_type="linear")
+                      distill_feature_weight=0.0, lr_scheduler_type="linear", ham=False)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):

@@ -254,3 +254,42 @@ def test_resume_refuses_to_switch_ham_on(tmp_path):
         first.train()
     with pytest.raises(ValueError, match="ham: checkpoint None vs now True"):
         trainer(ham=True).train(resume_from_checkpoint=True)
+
+
+def test_ham_is_on_by_default_when_the_run_prunes_and_follows_the_target(tmp_path):
+    from pilot_hf import PILoTTrainingArguments
+
+    def args(**kw):
+        return PILoTTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=8, use_cpu=True, **kw)
+
+    assert args().ham and args(sparsity_pattern="2:4").ham and args(method="gmp", warm_start="none").ham
+    assert args().run_settings()["ham"] is True  # the record says so
+    assert not args(sparsity=0.0, warm_start="none").ham  # nothing pruned: the optimizer's own step
+    assert not args(ham=False).ham and args(sparsity=0.0, warm_start="none", ham=True).ham  # a choice is kept
+    # A copy for another target re-resolves a default, and keeps a value the default would not give.
+    assert not args().with_method("finetune", sparsity=0.0, warm_start=None).ham
+    assert args(sparsity=0.0, warm_start="none").with_method("gmp", sparsity=0.5).ham
+    assert not args(ham=False).with_method("finetune", sparsity=0.7).ham
+
+
+def test_the_command_line_turns_ham_on_and_off_and_finetune_leaves_it_off_unless_asked(tmp_path):
+    from pilot_hf.commands import command_module, parse_command_line
+    from pilot_hf.commands.finetune import finetune_training_args
+
+    def parsed(command, *flags):
+        module = command_module(command)
+        arguments, line = parse_command_line(command, ["--output_dir", str(tmp_path / "o"), "--use_cpu", "true",
+                                                       "--dataset_name", "builtin:kjv",
+                                                       *flags], module.ARGUMENTS)
+        return {type(a).__name__: a for a in arguments}, line
+
+    for flags, expected in (((), True), (("--ham",), True), (("--ham", "false"), False)):
+        arguments, _ = parsed("compress", "--model_name_or_path", "m", *flags)
+        assert arguments["PILoTTrainingArguments"].ham is expected, flags
+    for flags, expected in (((), False), (("--ham",), True)):
+        arguments, line = parsed("finetune", "--model_name_or_path", "m", *flags)
+        ft = finetune_training_args(arguments["PILoTTrainingArguments"], arguments["FinetuneArguments"], line.given)
+        assert ft.ham is expected, flags
+    arguments, line = parsed("finetune", "--model_name_or_path", "m", "--lora")  # HAM's default is no refusal
+    assert not finetune_training_args(arguments["PILoTTrainingArguments"], arguments["FinetuneArguments"],
+                                      line.given).ham

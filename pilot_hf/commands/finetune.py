@@ -47,10 +47,11 @@ def finetune_training_args(args: PILoTTrainingArguments, ft_args: FinetuneArgume
         raise ValueError(f"pilot-hf finetune keeps the model's own zeros and prunes nothing (method finetune, "
                          f"sparsity 0, keep_zeros), so {', '.join(wrong)} does not apply: drop it. To prune, use "
                          "`pilot-hf oneshot` or `pilot-hf compress` first, then fine-tune the result.")
+    asked_for_ham = "ham" in given and args.ham  # else it follows sparsity 0: off
     if ft_args.lora:
         refused = [name for name, on in (("--weight_learning_rate", args.weight_learning_rate is not None),
                                          ("--tensorwise_second_moment", args.tensorwise_second_moment),
-                                         ("--ham", args.ham)) if on]  # HAM steps the target matrices, not adapters
+                                         ("--ham", asked_for_ham)) if on]  # HAM steps the target matrices, not adapters
         if refused:
             raise ValueError(f"--lora does not support {', '.join(refused)} (LoRA trains only the adapters, with "
                              "AdamW). Drop it, or fine-tune in full mode (without --lora), which supports it.")
@@ -69,7 +70,7 @@ def finetune_training_args(args: PILoTTrainingArguments, ft_args: FinetuneArgume
         "distill_logit_weight": 0.0, "distill_feature_weight": 0.0,
         "lm_loss_weight": args.lm_loss_weight if "lm_loss_weight" in given else 1.0}
     return args.with_method("finetune", sparsity=0.0, sparsity_pattern="unstructured", keep_zeros=True,
-                            warm_start=None, recovery_steps=0, **loss)
+                            warm_start=None, recovery_steps=0, ham=asked_for_ham, **loss)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, eval_args: EvalArguments,

@@ -80,9 +80,11 @@ def build_parser(command: str, classes: tuple, description: str) -> HfArgumentPa
     parser = HfArgumentParser(classes, prog=f"pilot-hf {command}", description=description)
     parser.allow_abbrev = False  # a misspelled flag must fail, not match a longer one
     parser.add_argument("--config", help="A YAML file of arguments (command-line flags override it).")
-    for action in parser._actions:  # argparse formats help with %: a literal '%' must be doubled
-        if action.help and "%" in action.help and "%(" not in action.help:
+    for action in parser._actions:
+        if action.help and "%" in action.help and "%(" not in action.help:  # argparse formats help with %
             action.help = action.help.replace("%", "%%")
+        if action.type is string_to_bool and action.nargs is None:  # a bool defaulting to None (chosen later):
+            action.nargs, action.const = "?", True                   # a bare --flag means true, as for other bools
     return parser
 
 
