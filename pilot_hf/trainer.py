@@ -124,8 +124,8 @@ class PILoTTrainer(Trainer):
         if self.is_deepspeed_enabled and args.ham:
             raise ValueError("ham under DeepSpeed: ZeRO steps its own flat fp32 copies of the parameters and writes "
                              "them over ours, so a step after the optimizer's would be lost (and its gradients are "
-                             "partitioned flat buffers, not per-matrix). Use FSDP2 or DDP with ham, or ham=False (--ham false; it is on by "
-                             "default when a run prunes).")
+                             "partitioned flat buffers, not per-matrix). Use FSDP2 or DDP with ham, or ham=False "
+                             "(--ham false; it is on by default when a run prunes).")
         if self.teacher is not None:
             if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
                 raise ValueError("distillation under ZeRO-3 was never run (its teacher would be a full, unsharded "

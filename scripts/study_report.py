@@ -267,7 +267,7 @@ def plot_diagnostics(rows: list[dict], out: Path, budget_label=share_of_pretrain
     return out
 
 
-PART2_RESULTS = "docs/study/part2-*.json"  # one file per budget, written by scripts/study_part2.sh
+PART2_RESULTS = "docs/study/part2-*.json"  # one file per budget and seed, written by scripts/study_part2.sh
 
 
 def part2_rows(paths) -> list[dict]:

@@ -53,9 +53,10 @@ def flags(assets: Path, out: Path, per_device_batch: int, *extra) -> list[str]:
         "--learning_rate", 1e-3, "--sparsity", 0.5, "--save_strategy", "no", "--logging_steps", 4,
         "--report_to", "none", "--eval_texts", "pydoc", "--eval_max_tokens", 512, "--eval_max_length", 64,
         "--use_cpu", "--seed", 0,
-        # stated, not the defaults' recipe: from the dense model, on the LM loss unless `extra` adds a teacher
+        # stated, not the defaults' recipe: from the dense model, on the LM loss unless `extra` adds a teacher,
+        # without HAM unless `extra` turns it on
         "--warm_start", "none", "--lm_loss_weight", 1, "--distill_logit_weight", 0, "--distill_feature_weight", 0,
-        "--lr_scheduler_type", "linear", *extra]))
+        "--lr_scheduler_type", "linear", "--ham", "false", *extra]))
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
