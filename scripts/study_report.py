@@ -199,7 +199,9 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
         return None
     sparsities = sorted({r["sparsity"] for r in rows if r["budget"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = {m: "black" if m == "dense" else plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    # tab10 and a marker per round of ten: no two of up to 40 methods look alike
+    looks = {m: {"color": "black"} if m == "dense" else {"color": plt.get_cmap("tab10")(i % 10), "marker": "os^D"[i // 10 % 4]}
+             for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(texts), len(sparsities), figsize=(5 * len(sparsities), 3.6 * len(texts)),
                              squeeze=False)
     for j, sparsity in enumerate(sparsities):
@@ -211,14 +213,14 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
                     continue
                 if all(r["budget"] == 0 for r in mine):  # dense or one-shot: no training tokens
                     ax.axhline(mean(r["perplexity"][text] for r in mine), ls="--", lw=1, label=method,
-                               color=colors[method])
+                               color=looks[method]["color"])
                     continue
                 by_budget = defaultdict(list)
                 for r in mine:
                     by_budget[r["budget"]].append(r["perplexity"][text])
                 budgets = sorted(by_budget)
-                ax.plot([b * pretraining_tokens for b in budgets], [mean(by_budget[b]) for b in budgets], marker="o",
-                        label=method, color=colors[method])
+                ax.plot([b * pretraining_tokens for b in budgets], [mean(by_budget[b]) for b in budgets],
+                        label=method, **{"marker": "o", **looks[method]})
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{text}, sparsity {sparsity}")
