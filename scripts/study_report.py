@@ -199,9 +199,9 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
         return None
     sparsities = sorted({r["sparsity"] for r in rows if r["budget"] > 0})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    # tab10 and a marker per round of ten: no two of up to 40 methods look alike
-    looks = {m: {"color": "black"} if m == "dense" else {"color": plt.get_cmap("tab10")(i % 10), "marker": "os^D"[i // 10 % 4]}
-             for i, m in enumerate(methods)}
+    # tab10 and a marker per round of ten: no two of up to 40 methods look alike (dense is a flat black line)
+    looks = {m: {"color": "black"} if m == "dense" else
+             {"color": plt.get_cmap("tab10")(i % 10), "marker": "os^D"[i // 10 % 4]} for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(texts), len(sparsities), figsize=(5 * len(sparsities), 3.6 * len(texts)),
                              squeeze=False)
     for j, sparsity in enumerate(sparsities):
@@ -220,7 +220,7 @@ def plot_curves(rows: list[dict], texts: list[str], pretraining_tokens: int, out
                     by_budget[r["budget"]].append(r["perplexity"][text])
                 budgets = sorted(by_budget)
                 ax.plot([b * pretraining_tokens for b in budgets], [mean(by_budget[b]) for b in budgets],
-                        label=method, **{"marker": "o", **looks[method]})
+                        label=method, **looks[method])
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{text}, sparsity {sparsity}")
